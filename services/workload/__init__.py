@@ -1,0 +1,1 @@
+"""Workload: applications, requests and arrival processes built from third-party corpora."""
