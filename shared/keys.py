@@ -1,0 +1,53 @@
+"""Every Redis key and stream name Magnus uses, with the TTLs that belong to them."""
+
+from __future__ import annotations
+
+PREFIX = "magnus"
+
+# Request hashes live a day after they are written so late polls still find them.
+REQUEST_TTL_S = 24 * 3600
+# A worker that has not beaten for this long is treated as gone.
+HEARTBEAT_TTL_S = 15
+# The scheduler's leadership lock expires unless renewed, so a dead leader is replaced.
+LEADER_TTL_S = 10
+
+STREAM_INCOMING = f"{PREFIX}:stream:incoming"
+STREAM_PREDICTED = f"{PREFIX}:stream:predicted"
+STREAM_COMPLETED = f"{PREFIX}:stream:completed"
+# Streams are trimmed approximately to this length; consumers keep up far before it.
+STREAM_MAXLEN = 100_000
+
+GROUP_PREDICTOR = "predictor"
+GROUP_SCHEDULER = "scheduler"
+GROUP_PREDICTOR_TRAINING = "predictor-training"
+
+# The scheduler's waiting pool (sorted by queued time) and its in-flight batches, kept in Redis so a
+# restarted scheduler rebuilds its state instead of losing requests.
+SCHEDULER_WAITING = f"{PREFIX}:scheduler:waiting"
+SCHEDULER_LEADER = f"{PREFIX}:scheduler:leader"
+METRICS = f"{PREFIX}:metrics"
+# Observed (app, input tokens, generated tokens) triples for online predictor training.
+TRAINING_LENGTHS = f"{PREFIX}:predictor:lengths"
+TRAINING_MAXLEN = 200_000
+
+
+def request(request_id: str) -> str:
+    return f"{PREFIX}:req:{request_id}"
+
+
+def request_payload(request_id: str) -> str:
+    """The full PredictedRequest JSON of a waiting request (the pool rebuilds from these)."""
+    return f"{PREFIX}:req:{request_id}:payload"
+
+
+def gpu_inflight(gpu: int) -> str:
+    """Hash of batch id -> Batch JSON dispatched to this GPU and not yet recorded as done."""
+    return f"{PREFIX}:gpu:{gpu}:inflight"
+
+
+def worker_heartbeat(gpu: int) -> str:
+    return f"{PREFIX}:worker:{gpu}:heartbeat"
+
+
+def celery_queue(gpu: int) -> str:
+    return f"gpu.{gpu}"

@@ -1,0 +1,206 @@
+"""Typed messages for every hop between Magnus processes (JSON on the wire, never pickle).
+
+Each message carries `schema_version` so a process can refuse a message it does not understand
+instead of misreading it.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SCHEMA_VERSION = 1
+
+
+class RequestStatus(enum.StrEnum):
+    """The one lifecycle of a request. `requeued` marks a continuation after a misprediction."""
+
+    QUEUED = "queued"
+    PREDICTED = "predicted"
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    REQUEUED = "requeued"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset({RequestStatus.COMPLETED, RequestStatus.FAILED, RequestStatus.CANCELLED})
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_version: int = SCHEMA_VERSION
+
+
+class SamplingParams(BaseModel):
+    """Sampling settings sent to the engine. Defaults follow SmolLM2's generation config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    temperature: float = Field(default=0.2, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.1, ge=1.0, le=2.0)
+    seed: int | None = None
+
+
+class QueuedRequest(Message):
+    """A request accepted by ingress (validated, token-counted); travels on the incoming stream."""
+
+    request_id: str
+    app_id: str
+    user_id: str
+    instruction: str
+    input: str
+    max_tokens: int
+    input_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    # The request's profiled length, when a benchmark replays a profiled workload: only the
+    # magnus-oracle policy may read it.
+    true_output_tokens: int | None = None
+    queued_at: float
+
+
+class PredictorSource(enum.StrEnum):
+    """Which predictor answered: a fitted model or one of the cold-start fallbacks."""
+
+    MODEL = "model"
+    APP_MEAN = "app-mean"
+    GLOBAL_MEAN = "global-mean"
+    DEFAULT = "default"
+
+
+class Prediction(Message):
+    request_id: str
+    predicted_tokens: int = Field(ge=1)
+    upper_tokens: int = Field(ge=1)
+    model_version: str
+    source: PredictorSource
+    predicted_at: float
+
+
+class PredictedRequest(Message):
+    """A request with its prediction: the only thing the scheduler may put in a batch."""
+
+    request: QueuedRequest
+    prediction: Prediction
+
+
+class BatchItem(BaseModel):
+    """One request inside a batch, with the token cap this run may generate."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    request_id: str
+    instruction: str
+    input: str
+    input_tokens: int
+    max_tokens: int = Field(ge=1)
+    predicted_tokens: int
+    sampling: SamplingParams = SamplingParams()
+
+
+class Batch(Message):
+    batch_id: str
+    gpu: int = Field(ge=0)
+    policy: str
+    items: list[BatchItem] = Field(min_length=1)
+    estimated_service_s: float = Field(ge=0.0)
+    formed_at: float
+
+
+FinishReason = Literal["stop", "length", "error"]
+
+
+class RequestResult(Message):
+    request_id: str
+    batch_id: str
+    gpu: int
+    text: str
+    input_tokens: int
+    generated_tokens: int
+    finish_reason: FinishReason
+    error: str | None = None
+    started_at: float
+    first_token_at: float | None = None
+    finished_at: float
+
+
+class BatchRecord(Message):
+    """What a finished batch teaches the serving-time estimator."""
+
+    batch_id: str
+    gpu: int
+    policy: str
+    size: int
+    max_input_tokens: int
+    max_predicted_tokens: int
+    max_generated_tokens: int
+    total_generated_tokens: int
+    estimated_service_s: float
+    measured_s: float
+    started_at: float
+    finished_at: float
+
+
+class CompletedEvent(Message):
+    """One entry of the completed stream: a request's result or a batch's record."""
+
+    kind: Literal["request", "batch"]
+    result: RequestResult | None = None
+    batch: BatchRecord | None = None
+
+
+class WorkerHeartbeat(Message):
+    gpu: int
+    engine_url: str
+    model: str
+    kv_budget_tokens: int = Field(ge=0)
+    kv_block_size: int = Field(ge=0)
+    kv_num_blocks: int = Field(ge=0)
+    max_model_len: int
+    busy: bool
+    at: float
+
+
+_ID_PATTERN = r"^[A-Za-z0-9._:@/-]{1,128}$"
+
+
+class SubmitRequest(BaseModel):
+    """The body of `POST /v1/requests`. Unknown fields are refused so a typo is not silently lost."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+    app_id: str = Field(pattern=_ID_PATTERN, description="application id")
+    instruction: str = Field(default="", max_length=8_000, description="app-level instruction")
+    input: str = Field(min_length=1, description="the user's input")
+    user_id: str = Field(default="anonymous", pattern=_ID_PATTERN)
+    max_tokens: int = Field(default=256, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+    true_output_tokens: int | None = Field(default=None, ge=0)
+
+    @field_validator("input")
+    @classmethod
+    def _input_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("input must contain non-whitespace text")
+        return v
+
+    def sampling(self) -> SamplingParams:
+        defaults = SamplingParams()
+        return SamplingParams(
+            temperature=defaults.temperature if self.temperature is None else self.temperature,
+            top_p=defaults.top_p if self.top_p is None else self.top_p,
+            repetition_penalty=defaults.repetition_penalty,
+            seed=self.seed,
+        )
+
+
+class SubmitResponse(BaseModel):
+    request_id: str
+    status: RequestStatus

