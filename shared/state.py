@@ -30,6 +30,9 @@ def record_queued(r: HashWriter, req: QueuedRequest) -> None:
             "user_id": req.user_id,
             "max_tokens": req.max_tokens,
             "input_tokens": req.input_tokens,
+            # Kept with the state so online training can read what each length answered.
+            "instruction": req.instruction,
+            "input": req.input,
         },
     )
     r.expire(keys.request(req.request_id), keys.REQUEST_TTL_S)

@@ -69,8 +69,6 @@ async def chat(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    if sampling.seed is not None:
-        body["seed"] = sampling.seed
     if continuation:
         # A continuation resumes the assistant turn already begun (vLLM's continue_final_message).
         body["messages"] = [*messages, {"role": "assistant", "content": continuation}]

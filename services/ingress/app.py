@@ -59,7 +59,6 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    seed: int | None = None
     user: str | None = None
 
 
@@ -150,7 +149,7 @@ def create_app(
             instruction="\n".join(m.content for m in body.messages if m.role == "system"),
             input=users[-1], user_id=body.user if body.user and _valid_id(body.user)
             else "anonymous", max_tokens=body.max_completion_tokens or body.max_tokens or 256,
-            temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+            temperature=body.temperature, top_p=body.top_p,
         )
         req = await asyncio.to_thread(validate_and_build, submit_body)
         await asyncio.to_thread(enqueue, req)

