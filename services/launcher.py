@@ -60,6 +60,18 @@ def redis_server_binary() -> str:
     return found
 
 
+def _wait_group_gone(pgid: int, timeout_s: float) -> bool:
+    """True once no process is left in the group (killed members can take a moment to be reaped)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 @dataclass
 class Child:
     name: str
@@ -214,6 +226,7 @@ class Stack:
                 os.killpg(child.proc.pid, signal.SIGKILL)  # whatever is left of the group
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.proc.wait(timeout=5)
+            _wait_group_gone(child.proc.pid, timeout_s=10)
         for out in self._logs:
             out.close()
         self.children.clear()

