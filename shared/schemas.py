@@ -65,6 +65,15 @@ class QueuedRequest(Message):
     # magnus-oracle policy may read it.
     true_output_tokens: int | None = None
     queued_at: float
+    # A continuation after a misprediction: the output so far (resumed as the assistant turn),
+    # its token count, and how many times this request has been requeued.
+    continuation: str = ""
+    generated_so_far: int = Field(default=0, ge=0)
+    continuations: int = Field(default=0, ge=0)
+
+    @property
+    def remaining_max_tokens(self) -> int:
+        return self.max_tokens - self.generated_so_far
 
 
 class PredictorSource(enum.StrEnum):
@@ -93,16 +102,25 @@ class PredictedRequest(Message):
 
 
 class BatchItem(BaseModel):
-    """One request inside a batch, with the token cap this run may generate."""
+    """One request inside a batch, with the token cap of this run.
+
+    The cap comes from the prediction's upper bound; a request that reaches it before its own
+    `max_tokens` returns to the queue as a continuation instead of finishing early.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    request_id: str
-    instruction: str
-    input: str
-    input_tokens: int
+    request: QueuedRequest
     max_tokens: int = Field(ge=1)
-    predicted_tokens: int
-    sampling: SamplingParams = SamplingParams()
+    predicted_tokens: int = Field(ge=1)
+    upper_tokens: int = Field(ge=1)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def input_tokens(self) -> int:
+        return self.request.input_tokens
 
 
 class Batch(Message):
@@ -118,6 +136,9 @@ FinishReason = Literal["stop", "length", "error"]
 
 
 class RequestResult(Message):
+    """A request's outcome. For a continuation, `text` and `generated_tokens` include the output
+    of earlier runs, so the user sees one request and one final text."""
+
     request_id: str
     batch_id: str
     gpu: int
@@ -151,7 +172,9 @@ class BatchRecord(Message):
 class CompletedEvent(Message):
     """One entry of the completed stream: a request's result or a batch's record."""
 
-    kind: Literal["request", "batch"]
+    # "requeued": the run hit its predicted cap before the request's max_tokens; `result` holds
+    # the partial output and the request went back to the incoming stream as a continuation.
+    kind: Literal["request", "requeued", "batch"]
     result: RequestResult | None = None
     batch: BatchRecord | None = None
 
@@ -172,7 +195,7 @@ _ID_PATTERN = r"^[A-Za-z0-9._:@/-]{1,128}$"
 
 
 class SubmitRequest(BaseModel):
-    """The body of `POST /v1/requests`. Unknown fields are refused so a typo is not silently lost."""
+    """The body of `POST /v1/requests`. Unknown fields are refused: a typo is not silently lost."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
     app_id: str = Field(pattern=_ID_PATTERN, description="application id")

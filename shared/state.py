@@ -78,6 +78,12 @@ def record_result(r: HashWriter, res: RequestResult) -> None:
     record_transition(r, res.request_id, status, res.finished_at, **fields)
 
 
+def record_requeued(r: HashWriter, partial: RequestResult, continuations: int) -> None:
+    """The run hit its predicted cap early: the request waits again, its output so far kept."""
+    record_transition(r, partial.request_id, RequestStatus.REQUEUED, partial.finished_at,
+                      continuations=continuations, partial_tokens=partial.generated_tokens)
+
+
 class RequestView(BaseModel):
     """What `GET /v1/requests/{id}` returns."""
 
@@ -97,6 +103,7 @@ class RequestView(BaseModel):
     generated_tokens: int | None = None
     finish_reason: str | None = None
     error: str | None = None
+    continuations: int = 0
     timestamps: dict[str, float]
 
     @property
@@ -104,13 +111,14 @@ class RequestView(BaseModel):
         return self.status in FINAL_STATUSES
 
 
-_STAGE_FIELDS = ("queued", "predicted", "scheduled", "started", "first_token", "finished")
+_STAGE_FIELDS = ("queued", "predicted", "scheduled", "started", "first_token", "requeued",
+                 "finished")
 
 
 def view_from_hash(request_id: str, h: dict[str, str]) -> RequestView:
     timestamps = {s: float(h[f"{s}_at"]) for s in _STAGE_FIELDS if f"{s}_at" in h}
     optional_int = {k: int(h[k]) for k in ("predicted_tokens", "upper_tokens", "gpu",
-                                           "generated_tokens") if k in h}
+                                           "generated_tokens", "continuations") if k in h}
     optional_str = {k: h[k] for k in ("predictor_source", "model_version", "batch_id", "text",
                                       "finish_reason", "error") if k in h}
     return RequestView(

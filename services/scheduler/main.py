@@ -134,7 +134,7 @@ class Scheduler:
                 continue
             chosen = policy.fcfs_fixed([to_waiting(p) for p in self.pool.values()],
                                        self.settings.batch_size)
-            items = [self._item(self.pool.pop(w.request_id)) for w in chosen]
+            items = [self._item(self.pool.pop(w.request_id), cap_at_upper=False) for w in chosen]
             batch = Batch(batch_id=uuid.uuid4().hex, gpu=gpu, policy=self.settings.policy,
                           items=items, estimated_service_s=0.0, formed_at=now)
             self.inflight.setdefault(gpu, {})[batch.batch_id] = batch
@@ -142,11 +142,16 @@ class Scheduler:
         return batches
 
     @staticmethod
-    def _item(p: PredictedRequest) -> BatchItem:
+    def _item(p: PredictedRequest, cap_at_upper: bool) -> BatchItem:
+        """A batch item; Magnus policies cap the run at the predicted upper bound (a request that
+        reaches it unfinished comes back as a continuation), baselines run to max_tokens."""
         req = p.request
-        return BatchItem(request_id=req.request_id, instruction=req.instruction, input=req.input,
-                         input_tokens=req.input_tokens, max_tokens=req.max_tokens,
-                         predicted_tokens=p.prediction.predicted_tokens, sampling=req.sampling)
+        cap = req.remaining_max_tokens
+        if cap_at_upper:
+            cap = min(cap, p.prediction.upper_tokens)
+        return BatchItem(request=req, max_tokens=max(cap, 1),
+                         predicted_tokens=p.prediction.predicted_tokens,
+                         upper_tokens=p.prediction.upper_tokens)
 
     def dispatch(self, batch: Batch, now: float) -> None:
         """Persist the batch as in flight, then hand it to the GPU's Celery queue."""

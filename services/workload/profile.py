@@ -5,7 +5,7 @@ Starts one engine (the launcher's code), sends a deterministic sample of every a
 the app's instruction as the system turn (the worker's chat template) and the service's sampling
 defaults, and appends one JSON line per request, so an interrupted run resumes where it stopped.
 
-    python -m services.workload.profile [--per-core-app 450] [--per-other-app 15] [--max-tokens 512]
+    python -m services.workload.profile [--per-core-app 420] [--per-other-app 14] [--max-tokens 512]
 """
 
 from __future__ import annotations
@@ -97,10 +97,10 @@ def finalize(partial: Path, out: Path, meta: dict[str, object]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--per-core-app", type=int, default=450)
-    parser.add_argument("--per-other-app", type=int, default=15)
+    parser.add_argument("--per-core-app", type=int, default=420)
+    parser.add_argument("--per-other-app", type=int, default=14)
     parser.add_argument("--max-tokens", type=int, default=512)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--engine-url", help="use a running engine instead of starting one")
     args = parser.parse_args(argv)

@@ -27,8 +27,8 @@ def test_messages_round_trip_through_json_with_schema_version() -> None:
     again = QueuedRequest.model_validate_json(req.model_dump_json())
     assert again == req and again.schema_version == SCHEMA_VERSION
     batch = Batch(batch_id="b", gpu=0, policy="fcfs-fixed", estimated_service_s=0.0, formed_at=2.0,
-                  items=[BatchItem(request_id="req-1", instruction="", input="Hi", input_tokens=12,
-                                   max_tokens=16, predicted_tokens=8)])
+                  items=[BatchItem(request=req, max_tokens=16, predicted_tokens=8,
+                                   upper_tokens=12)])
     assert Batch.model_validate_json(batch.model_dump_json()) == batch
 
 
