@@ -8,8 +8,6 @@ PREFIX = "magnus"
 REQUEST_TTL_S = 24 * 3600
 # A worker that has not beaten for this long is treated as gone.
 HEARTBEAT_TTL_S = 15
-# The scheduler's leadership lock expires unless renewed, so a dead leader is replaced.
-LEADER_TTL_S = 10
 
 STREAM_INCOMING = f"{PREFIX}:stream:incoming"
 STREAM_PREDICTED = f"{PREFIX}:stream:predicted"
@@ -24,6 +22,8 @@ GROUP_PREDICTOR_TRAINING = "predictor-training"
 # The scheduler's waiting pool (sorted by queued time) and its in-flight batches, kept in Redis so a
 # restarted scheduler rebuilds its state instead of losing requests.
 SCHEDULER_WAITING = f"{PREFIX}:scheduler:waiting"
+# Holder of the scheduler leadership lock; it expires (SchedulerSettings.leader_ttl_s) unless
+# renewed, so a dead leader is replaced.
 SCHEDULER_LEADER = f"{PREFIX}:scheduler:leader"
 METRICS = f"{PREFIX}:metrics"
 # Observed (app, input tokens, generated tokens) triples for online predictor training.

@@ -60,6 +60,8 @@ class SchedulerSettings(MagnusSettings):
     tick_s: float = Field(default=0.02, gt=0)
     # A batch in flight longer than this is presumed lost with its worker and its requests fail.
     batch_timeout_s: float = Field(default=1800.0, gt=0)
+    # The leader lock expires this long after its last renewal, so a standby takes over.
+    leader_ttl_s: float = Field(default=10.0, ge=0.5)
 
 
 class WorkerSettings(MagnusSettings):

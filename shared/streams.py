@@ -34,6 +34,21 @@ class GroupReader:
             self._pending_done = True
         return entries
 
+    def claim_all_pending(self) -> int:
+        """Take over entries other consumers of the group read but never acknowledged (a leader
+        that died mid-step); they are re-read as this consumer's own pending entries."""
+        claimed, start = 0, "0-0"
+        while True:
+            # The full reply form carries the cursor (justid=True drops it in redis-py).
+            reply = self.r.xautoclaim(self.stream, self.group, self.consumer, min_idle_time=0,
+                                      start_id=start, count=500)
+            start, entries = reply[0], reply[1]
+            claimed += len(entries)
+            if start in ("0-0", b"0-0"):
+                break
+        self._pending_done = False
+        return claimed
+
     def ack(self, pipe: redis.client.Pipeline, entry_ids: list[str]) -> None:
         if entry_ids:
             pipe.xack(self.stream, self.group, *entry_ids)

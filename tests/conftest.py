@@ -93,3 +93,18 @@ def stack_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackFac
             except ProcessLookupError:
                 continue
             raise AssertionError(f"process group {pgid} survived Stack.stop()")
+
+
+class RecordingCelery:
+    """Stands in for the Celery producer in scheduler tests: records what would be sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, list[str], str]] = []
+
+    def send_task(self, name: str, args: list[str], queue: str) -> None:
+        self.sent.append((name, args, queue))
+
+
+@pytest.fixture()
+def recording_celery() -> RecordingCelery:
+    return RecordingCelery()

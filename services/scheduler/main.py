@@ -63,17 +63,21 @@ class Scheduler:
     # --- leadership -------------------------------------------------------------------------
     def hold_leadership(self) -> bool:
         """Take or renew the leader lock; only the leader reads streams or dispatches."""
-        if self.r.set(keys.SCHEDULER_LEADER, self.instance_id, nx=True, ex=keys.LEADER_TTL_S):
+        ttl_ms = int(self.settings.leader_ttl_s * 1000)
+        if self.r.set(keys.SCHEDULER_LEADER, self.instance_id, nx=True, px=ttl_ms):
             log.info("scheduler %s leads", self.instance_id)
             self.rebuild()
             return True
         if self.r.get(keys.SCHEDULER_LEADER) == self.instance_id:
-            self.r.expire(keys.SCHEDULER_LEADER, keys.LEADER_TTL_S)
+            self.r.pexpire(keys.SCHEDULER_LEADER, ttl_ms)
             return True
         return False
 
     def rebuild(self) -> None:
-        """Reload the waiting pool and in-flight batches a previous leader left in Redis."""
+        """Reload the waiting pool and in-flight batches a previous leader left in Redis, and take
+        over stream entries it read but never acknowledged."""
+        self.predicted.claim_all_pending()
+        self.completed.claim_all_pending()
         self.pool.clear()
         ids = self.r.zrange(keys.SCHEDULER_WAITING, 0, -1)
         payloads = self.r.mget([keys.request_payload(i) for i in ids]) if ids else []
@@ -200,7 +204,7 @@ class Scheduler:
         leading = False
         while not stop.is_set():
             now = time.time()
-            if now - last_lock > keys.LEADER_TTL_S / 3:
+            if now - last_lock > self.settings.leader_ttl_s / 3:
                 leading, last_lock = self.hold_leadership(), now
             if not leading:
                 stop.wait(1.0)
