@@ -26,13 +26,15 @@ class GroupReader:
         ensure_group(r, stream, group)
 
     def read(self, count: int, block_ms: int) -> list[tuple[str, dict[str, str]]]:
-        start = ">" if self._pending_done else "0"
-        reply = self.r.xreadgroup(self.group, self.consumer, {self.stream: start}, count=count,
-                                  block=None if start == "0" else block_ms)
-        entries: list[tuple[str, dict[str, str]]] = reply[0][1] if reply else []
-        if start == "0" and not entries:
+        if not self._pending_done:
+            reply = self.r.xreadgroup(self.group, self.consumer, {self.stream: "0"}, count=count)
+            pending: list[tuple[str, dict[str, str]]] = reply[0][1] if reply else []
+            if pending:
+                return pending
             self._pending_done = True
-        return entries
+        reply = self.r.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count,
+                                  block=block_ms)
+        return reply[0][1] if reply else []
 
     def claim_all_pending(self) -> int:
         """Take over entries other consumers of the group read but never acknowledged (a leader
