@@ -121,6 +121,7 @@ class Stack:
             "MAGNUS_SERVED_MODEL_NAME": s.served_model_name,
             "MAGNUS_MAX_MODEL_LEN": str(s.max_model_len),
             "MAGNUS_GPUS": str(s.gpus),
+            "MAGNUS_ENGINE_MODE": s.engine_mode,
             "MAGNUS_CACHE_DIR": str(s.cache_dir),
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
@@ -161,8 +162,12 @@ class Stack:
         return self._spawn(f"engine{gpu}", cmd, env, cwd=engine_dir)
 
     def start_worker(self, gpu: int) -> Child:
+        # Static: one batch at a time (solo pool). Continuous: groups admitted by the scheduler run
+        # side by side on the engine (threads), so it stays fed as capacity frees.
+        pool = (["--pool", "solo", "-c", "1"] if self.settings.engine_mode == "static"
+                else ["--pool", "threads", "-c", str(self.settings.continuous_worker_threads)])
         cmd = [sys.executable, "-m", "celery", "-A", "services.worker.main", "worker",
-               "-Q", keys.celery_queue(gpu), "--pool", "solo", "-c", "1", "-n", f"gpu{gpu}@%h",
+               "-Q", keys.celery_queue(gpu), *pool, "-n", f"gpu{gpu}@%h",
                "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
         env = {**self._common_env(), "MAGNUS_GPU": str(gpu),
                "MAGNUS_ENGINE_URL": self.engine_url(gpu)}
@@ -218,10 +223,8 @@ class Stack:
                 os.killpg(child.proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         for child in reversed(self.children):
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.proc.pid, signal.SIGKILL)  # whatever is left of the group
             with contextlib.suppress(subprocess.TimeoutExpired):

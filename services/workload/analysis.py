@@ -20,13 +20,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy import stats  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from scipy import stats
 
-from services.workload.catalog import load_apps, load_records  # noqa: E402
-from services.workload.profile import DEFAULT_OUT  # noqa: E402
-from shared.settings import REPO_ROOT, MagnusSettings  # noqa: E402
+from services.workload.catalog import load_apps, load_records
+from services.workload.profile import DEFAULT_OUT
+from shared.settings import REPO_ROOT, MagnusSettings
 
 CORE_ORDER = ["grammar-jfleg", "detox-paradetox", "code-java-cs", "code-bugfix",
               "translate-en-de", "translate-en-fr", "translate-en-cs"]
@@ -34,7 +34,7 @@ CORE_ORDER = ["grammar-jfleg", "detox-paradetox", "code-java-cs", "code-bugfix",
 
 def load_profile(path: Path) -> list[dict[str, object]]:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
+    with opener(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -167,8 +167,7 @@ Reference lengths are the workload's reference outputs counted with the same tok
 {_table(core)}
 ## By family (T0 and self-instruct pool many apps)
 
-{_table(fams)}| **all** | {overall.n} | {_fmt(overall.pearson)} | {_fmt(overall.spearman)} | {overall.mean_input:.0f} | {overall.mean_generated:.0f} | {overall.mean_reference:.0f} | {overall.cap_share:.0%} | {_fmt(overall.pearson_reference)} |
-
+{_table([*fams, overall])}
 Per-app figures for every app: `docs/lengths_per_app.csv`.
 
 ![prompt tokens against output tokens](img/lengths_scatter.png)

@@ -36,7 +36,8 @@ def _order_key(request_id: str) -> str:
     return hashlib.sha1(request_id.encode()).hexdigest()
 
 
-def select(per_core_app: int, per_other_app: int, workload: Path = DEFAULT_DIR) -> list[dict[str, str]]:
+def select(per_core_app: int, per_other_app: int, workload: Path = DEFAULT_DIR
+           ) -> list[dict[str, str]]:
     """A deterministic sample: `per_core_app` of each core app, `per_other_app` of every other app,
     across all splits (so the test split and held-out apps are profiled too)."""
     family = {a.app_id: a.family for a in load_apps(workload)}
@@ -67,7 +68,8 @@ async def profile(engine_url: str, model: str, todo: list[dict[str, str]], parti
             async with sem:
                 res = await engine.chat(http, model, rec["instruction"], rec["input"],
                                         max_tokens, sampling)
-            line = {k: rec[k] for k in ("request_id", "app_id", "family", "split", "user_id")}
+            line: dict[str, str | int] = {
+                k: rec[k] for k in ("request_id", "app_id", "family", "split", "user_id")}
             line.update(input_tokens=res.prompt_tokens, generated_tokens=res.completion_tokens,
                         finish_reason=res.finish_reason, text=res.text)
             out.write(json.dumps(line) + "\n")  # type: ignore[attr-defined]

@@ -1,4 +1,5 @@
-"""Ingress against real Redis and the serving model's real tokenizer: bad input never reaches Redis."""
+"""Ingress against real Redis and the serving model's real tokenizer: bad input never reaches
+Redis."""
 
 from __future__ import annotations
 
