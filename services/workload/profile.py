@@ -83,12 +83,26 @@ async def profile(engine_url: str, model: str, todo: list[dict[str, str]], parti
             await asyncio.gather(*(one(rec, out) for rec in todo))
 
 
+def _existing_rows(partial: Path, out: Path) -> dict[str, dict[str, object]]:
+    """Rows already profiled: the committed dataset plus this run's partial file, so profiling
+    resumes across interrupted runs and across clones."""
+    rows: dict[str, dict[str, object]] = {}
+    texts = []
+    if out.exists():
+        with gzip.open(out, "rt", encoding="utf-8") as f:
+            texts.append(f.read())
+    if partial.exists():
+        texts.append(partial.read_text(encoding="utf-8"))
+    for text in texts:
+        for line in text.splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[str(row["request_id"])] = row
+    return rows
+
+
 def finalize(partial: Path, out: Path, meta: dict[str, object]) -> int:
-    rows = {}
-    for line in partial.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[row["request_id"]] = row
+    rows = _existing_rows(partial, out)
     text = "".join(json.dumps(rows[k], sort_keys=True) + "\n" for k in sorted(rows))
     with out.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
         gz.write(text.encode())
@@ -105,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--engine-url", help="use a running engine instead of starting one")
+    parser.add_argument("--finalize-only", action="store_true",
+                        help="write the dataset from what is profiled so far and exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -113,16 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     sampling = SamplingParams()
     partial = args.out.with_suffix("").with_suffix(".partial.jsonl")
     partial.parent.mkdir(parents=True, exist_ok=True)
-    seen = set()
-    if partial.exists():
-        seen = {json.loads(line)["request_id"] for line in partial.read_text().splitlines()
-                if line.strip()}
+    seen = set(_existing_rows(partial, args.out))
     todo = [r for r in select(args.per_core_app, args.per_other_app) if r["request_id"] not in seen]
     log.info("%d requests to profile (%d already done)", len(todo), len(seen))
 
     stack = None
     engine_url = args.engine_url
-    if engine_url is None:
+    if args.finalize_only:
+        todo = []
+    elif engine_url is None:
         from services.launcher import Stack
 
         run_dir = settings.cache_dir / "profile-run"
@@ -131,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         engine_url = stack.engine_url(0)
         engine.wait_ready(engine_url, settings.engine_ready_timeout_s, alive=proc.alive)
     try:
-        asyncio.run(profile(engine_url, settings.served_model_name, todo, partial,
-                            args.max_tokens, args.concurrency, sampling))
+        if todo:
+            asyncio.run(profile(engine_url, settings.served_model_name, todo, partial,
+                                args.max_tokens, args.concurrency, sampling))
     finally:
         if stack is not None:
             stack.stop()
