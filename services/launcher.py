@@ -77,6 +77,9 @@ class Child:
     name: str
     proc: subprocess.Popen[bytes]
     log_path: Path
+    cmd: list[str]
+    env: dict[str, str]
+    cwd: Path | None
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -108,7 +111,7 @@ class Stack:
         proc = subprocess.Popen(cmd, env=child_environment(env), stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, preexec_fn=_die_with_parent, cwd=cwd)
-        child = Child(name, proc, log_path)
+        child = Child(name, proc, log_path, cmd, env, cwd)
         self.children.append(child)
         log.info("started %s (pid %d), log %s", name, proc.pid, log_path)
         return child
@@ -189,10 +192,11 @@ class Stack:
         self.ingress_url = f"http://127.0.0.1:{s.ingress_port}"
         for g, engine in enumerate(engines):
             wait_ready(self.engine_url(g), s.engine_ready_timeout_s, alive=engine.alive)
-        self._wait_ingress_and_workers(s.engine_ready_timeout_s)
+        self.wait_ready(s.engine_ready_timeout_s)
         log.info("stack ready in %.0fs", time.monotonic() - t0)
 
-    def _wait_ingress_and_workers(self, timeout_s: float) -> None:
+    def wait_ready(self, timeout_s: float) -> None:
+        """Until ingress answers /healthz and every GPU's worker has a fresh heartbeat."""
         r = connect(self.redis_url)
         deadline = time.monotonic() + timeout_s
         try:
@@ -206,12 +210,28 @@ class Stack:
                     ok = httpx.get(f"{self.ingress_url}/healthz", timeout=2).status_code == 200
                 except httpx.HTTPError:
                     ok = False
-                if ok and all(beats):
+                leader = r.exists(keys.SCHEDULER_LEADER)
+                if ok and all(beats) and leader:
                     return
                 time.sleep(0.5)
         finally:
             r.close()
         raise RuntimeError(f"stack not ready after {timeout_s:.0f}s; see {self.log_dir}")
+
+    def restart(self, name: str, extra_env: dict[str, str] | None = None) -> Child:
+        """Stop one service and start it again with extra settings (a benchmark switching the
+        scheduler's policy keeps the engines loaded)."""
+        (old,) = [c for c in self.children if c.name == name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(old.proc.pid, signal.SIGTERM)
+        try:
+            old.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(old.proc.pid, signal.SIGKILL)
+            old.proc.wait(timeout=5)
+        _wait_group_gone(old.proc.pid, timeout_s=10)
+        self.children.remove(old)
+        return self._spawn(name, old.cmd, {**old.env, **(extra_env or {})}, old.cwd)
 
     def check_alive(self) -> list[str]:
         return [c.name for c in self.children if not c.alive()]

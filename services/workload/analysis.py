@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -32,7 +33,7 @@ CORE_ORDER = ["grammar-jfleg", "detox-paradetox", "code-java-cs", "code-bugfix",
               "translate-en-de", "translate-en-fr", "translate-en-cs"]
 
 
-def load_profile(path: Path) -> list[dict[str, object]]:
+def load_profile(path: Path) -> list[dict[str, Any]]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
