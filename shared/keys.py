@@ -26,6 +26,9 @@ SCHEDULER_WAITING = f"{PREFIX}:scheduler:waiting"
 # renewed, so a dead leader is replaced.
 SCHEDULER_LEADER = f"{PREFIX}:scheduler:leader"
 METRICS = f"{PREFIX}:metrics"
+# Observed batch records, the serving-time estimator's memory across scheduler restarts.
+BATCH_RECORDS = f"{PREFIX}:scheduler:batch-records"
+BATCH_RECORDS_MAXLEN = 2000
 # Observed (app, input tokens, generated tokens) triples for online predictor training.
 TRAINING_LENGTHS = f"{PREFIX}:predictor:lengths"
 TRAINING_MAXLEN = 200_000

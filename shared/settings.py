@@ -76,12 +76,23 @@ class PredictorSettings(MagnusSettings):
     input_cache_size: int = Field(default=30_000, ge=1)
 
 
-Policy = Literal["fcfs-fixed"]
+Policy = Literal["fcfs-fixed", "continuous-fcfs", "sjf-predicted", "magnus", "magnus-oracle",
+                 "magnus-no-hrrn", "magnus-fixed-batch"]
 
 
 class SchedulerSettings(MagnusSettings):
-    policy: Policy = "fcfs-fixed"
+    policy: Policy = "magnus"
+    # Fixed-size policies (fcfs-fixed, sjf-predicted, magnus-fixed-batch) use this batch size.
     batch_size: int = Field(default=8, ge=1)
+    # Adaptive batches: a member may idle at most this many decode steps per useful token, plus
+    # the slack, while the batch's longest member finishes.
+    max_waste_ratio: float = Field(default=0.5, ge=0.0)
+    waste_slack_tokens: int = Field(default=16, ge=0)
+    max_batch_size: int = Field(default=256, ge=1)
+    hrrn_wait: Literal["oldest", "mean"] = "oldest"
+    # Static mode: batches queued behind the running one per GPU. One keeps the worker busy
+    # without binding more of the order early.
+    staged_batches_per_gpu: int = Field(default=1, ge=0)
     gpus: int = Field(default=1, ge=1)
     tick_s: float = Field(default=0.02, gt=0)
     # A batch in flight longer than this is presumed lost with its worker and its requests fail.

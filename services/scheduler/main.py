@@ -22,12 +22,14 @@ import redis
 from celery import Celery
 
 from services.scheduler import policy
+from services.scheduler.estimator import ServiceRecord, ServiceTimeEstimator
 from services.worker.celery_app import RUN_BATCH_TASK, make_celery
 from shared import keys, state
 from shared.redis_conn import connect
 from shared.schemas import (
     Batch,
     BatchItem,
+    BatchRecord,
     CompletedEvent,
     PredictedRequest,
     RequestResult,
@@ -41,13 +43,27 @@ log = logging.getLogger("magnus.scheduler")
 
 
 def to_waiting(p: PredictedRequest) -> policy.WaitingRequest:
+    """The policy's view of a request. For a continuation, lengths are what remains to generate."""
+    req = p.request
+    true_remaining = (None if req.true_output_tokens is None
+                      else max(req.true_output_tokens - req.generated_so_far, 1))
     return policy.WaitingRequest(
-        request_id=p.request.request_id,
-        queued_at=p.request.queued_at,
-        input_tokens=p.request.input_tokens,
-        max_tokens=p.request.max_tokens,
+        request_id=req.request_id,
+        queued_at=req.queued_at,
+        input_tokens=req.input_tokens,
+        max_tokens=req.remaining_max_tokens,
         predicted_tokens=p.prediction.predicted_tokens,
         upper_tokens=p.prediction.upper_tokens,
+        true_output_tokens=true_remaining,
+    )
+
+
+def policy_config(settings: SchedulerSettings) -> policy.PolicyConfig:
+    return policy.PolicyConfig(
+        name=settings.policy, batch_size=settings.batch_size,
+        max_waste_ratio=settings.max_waste_ratio, waste_slack_tokens=settings.waste_slack_tokens,
+        max_batch_size=settings.max_batch_size, hrrn_wait=settings.hrrn_wait,
+        engine_mode=settings.engine_mode, max_model_len=settings.max_model_len,
     )
 
 
@@ -57,8 +73,14 @@ class Scheduler:
         self.r, self.celery, self.settings, self.instance_id = r, celery, settings, instance_id
         self.predicted = GroupReader(r, keys.STREAM_PREDICTED, keys.GROUP_SCHEDULER, instance_id)
         self.completed = GroupReader(r, keys.STREAM_COMPLETED, keys.GROUP_SCHEDULER, instance_id)
+        self.config = policy_config(settings)
         self.pool: dict[str, PredictedRequest] = {}
+        # The same requests as `pool`, kept sorted by planned length for the policy.
+        self.sorted_pool = policy.pool_for(self.config)
         self.inflight: dict[int, dict[str, Batch]] = {}
+        # Continuous mode: KV tokens each in-flight request may hold (input + its run's cap).
+        self.inflight_kv: dict[int, dict[str, int]] = {}
+        self.estimator = ServiceTimeEstimator()
 
     # --- leadership -------------------------------------------------------------------------
     def hold_leadership(self) -> bool:
@@ -79,6 +101,11 @@ class Scheduler:
         self.predicted.claim_all_pending()
         self.completed.claim_all_pending()
         self.pool.clear()
+        self.sorted_pool = policy.pool_for(self.config)
+        self.estimator = ServiceTimeEstimator()
+        for raw in self.r.lrange(keys.BATCH_RECORDS, 0, -1):
+            self.estimator.observe(ServiceRecord.from_batch_record(
+                BatchRecord.model_validate_json(raw)))
         ids = self.r.zrange(keys.SCHEDULER_WAITING, 0, -1)
         payloads = self.r.mget([keys.request_payload(i) for i in ids]) if ids else []
         for request_id, payload in zip(ids, payloads, strict=True):
@@ -86,10 +113,17 @@ class Scheduler:
                 self.r.zrem(keys.SCHEDULER_WAITING, request_id)
                 continue
             self.pool[request_id] = PredictedRequest.model_validate_json(payload)
+        self.sorted_pool.add_many([to_waiting(p) for p in self.pool.values()])
         self.inflight = {
             gpu: {bid: Batch.model_validate_json(b)
                   for bid, b in self.r.hgetall(keys.gpu_inflight(gpu)).items()}
             for gpu in range(self.settings.gpus)
+        }
+        # Until their results arrive, count every member of an in-flight batch as holding KV.
+        self.inflight_kv = {
+            gpu: {i.request_id: i.input_tokens + i.max_tokens
+                  for b in batches.values() for i in b.items}
+            for gpu, batches in self.inflight.items()
         }
         log.info("rebuilt: %d waiting, %d in flight", len(self.pool),
                  sum(len(b) for b in self.inflight.values()))
@@ -103,7 +137,10 @@ class Scheduler:
         for _, fields in entries:
             p = PredictedRequest.model_validate_json(fields["request"])
             rid = p.request.request_id
+            if rid in self.pool:  # a replayed entry: already waiting
+                continue
             self.pool[rid] = p
+            self.sorted_pool.add(to_waiting(p))
             pipe.set(keys.request_payload(rid), fields["request"], ex=keys.REQUEST_TTL_S)
             pipe.zadd(keys.SCHEDULER_WAITING, {rid: p.request.queued_at})
         self.predicted.ack(pipe, [eid for eid, _ in entries])
@@ -117,10 +154,15 @@ class Scheduler:
         pipe = self.r.pipeline(transaction=True)
         for _, fields in entries:
             event = CompletedEvent.model_validate_json(fields["event"])
+            if event.result is not None:
+                self.inflight_kv.get(event.result.gpu, {}).pop(event.result.request_id, None)
             if event.batch is not None:
                 self.inflight.get(event.batch.gpu, {}).pop(event.batch.batch_id, None)
                 pipe.hdel(keys.gpu_inflight(event.batch.gpu), event.batch.batch_id)
                 pipe.hincrby(keys.METRICS, "batches_completed", 1)
+                pipe.rpush(keys.BATCH_RECORDS, event.batch.model_dump_json())
+                pipe.ltrim(keys.BATCH_RECORDS, -keys.BATCH_RECORDS_MAXLEN, -1)
+                self.estimator.observe(ServiceRecord.from_batch_record(event.batch))
         self.completed.ack(pipe, [eid for eid, _ in entries])
         pipe.execute()
         return len(entries)
@@ -131,29 +173,53 @@ class Scheduler:
 
     # --- decisions --------------------------------------------------------------------------
     def decide(self, now: float) -> list[Batch]:
-        """Form one batch for each live GPU that has nothing in flight."""
+        """Batches to send now: per live GPU, in static mode one when it has room for one more
+        (one running + `staged_batches_per_gpu` queued), in continuous mode whoever fits its
+        predicted KV budget."""
         batches: list[Batch] = []
-        for gpu in sorted(self.live_gpus()):
-            if self.inflight.get(gpu) or not self.pool:
-                continue
-            chosen = policy.fcfs_fixed([to_waiting(p) for p in self.pool.values()],
-                                       self.settings.batch_size)
-            items = [self._item(self.pool.pop(w.request_id), cap_at_upper=False) for w in chosen]
-            batch = Batch(batch_id=uuid.uuid4().hex, gpu=gpu, policy=self.settings.policy,
-                          items=items, estimated_service_s=0.0, formed_at=now)
-            self.inflight.setdefault(gpu, {})[batch.batch_id] = batch
+        for gpu, beat in sorted(self.live_gpus().items()):
+            if not self.pool:
+                break
+            snapshot = policy.GpuSnapshot(gpu=gpu, kv_budget_tokens=beat.kv_budget_tokens)
+            if self.config.engine_mode == "static":
+                if len(self.inflight.get(gpu, {})) > self.settings.staged_batches_per_gpu:
+                    continue
+                decision = policy.decide_batch(self.config, self.sorted_pool, snapshot, now,
+                                               self.estimator)
+                if decision is None:
+                    continue
+                members = list(zip(decision.members, decision.token_caps, strict=True))
+                estimated = decision.estimated_service_s
+            else:
+                inflight_kv = sum(self.inflight_kv.get(gpu, {}).values())
+                admitted = policy.admit_continuous(self.config, self.sorted_pool, snapshot,
+                                                   inflight_kv, now, self.estimator)
+                if not admitted:
+                    continue
+                members = [(w, policy.token_cap(self.config, w)) for w in admitted]
+                estimated = 0.0
+            batch = self._form(gpu, members, estimated, now)
             batches.append(batch)
         return batches
 
+    def _form(self, gpu: int, members: list[tuple[policy.WaitingRequest, int]],
+              estimated_service_s: float, now: float) -> Batch:
+        items = [self._item(self.pool.pop(w.request_id), cap) for w, cap in members]
+        self.sorted_pool.remove([w.request_id for w, _ in members])
+        batch = Batch(batch_id=uuid.uuid4().hex, gpu=gpu, policy=self.settings.policy,
+                      items=items, estimated_service_s=estimated_service_s, formed_at=now)
+        self.inflight.setdefault(gpu, {})[batch.batch_id] = batch
+        kv = self.inflight_kv.setdefault(gpu, {})
+        for item in items:
+            kv[item.request_id] = item.input_tokens + item.max_tokens
+        return batch
+
     @staticmethod
-    def _item(p: PredictedRequest, cap_at_upper: bool) -> BatchItem:
-        """A batch item; Magnus policies cap the run at the predicted upper bound (a request that
-        reaches it unfinished comes back as a continuation), baselines run to max_tokens."""
+    def _item(p: PredictedRequest, cap: int) -> BatchItem:
+        """A batch item capped at the policy's token cap: a run that reaches it short of the
+        request's max_tokens comes back as a continuation."""
         req = p.request
-        cap = req.remaining_max_tokens
-        if cap_at_upper:
-            cap = min(cap, p.prediction.upper_tokens)
-        return BatchItem(request=req, max_tokens=max(cap, 1),
+        return BatchItem(request=req, max_tokens=max(min(cap, req.remaining_max_tokens), 1),
                          predicted_tokens=p.prediction.predicted_tokens,
                          upper_tokens=p.prediction.upper_tokens)
 
@@ -190,6 +256,8 @@ class Scheduler:
                 pipe.hdel(keys.gpu_inflight(gpu), batch_id)
                 pipe.execute()
                 del batches[batch_id]
+                for item in batch.items:
+                    self.inflight_kv.get(gpu, {}).pop(item.request_id, None)
 
     def tick(self, clock: Callable[[], float], block_ms: int = 20) -> None:
         self.ingest(block_ms)

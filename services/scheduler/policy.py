@@ -1,12 +1,43 @@
 """Scheduling policies: pure functions over snapshots of the waiting pool and the free GPU.
 
 No Redis, no Celery, no clock reads: the loop passes `now` in and carries out what is returned.
+
+Entry points for the loop:
+- `decide_batch(config, waiting, gpu, now, estimator)`: static engine, the one batch to run now on
+  a free GPU (None when nobody waits).
+- `admit_continuous(config, waiting, gpu, inflight_kv_tokens, now, estimator)`: continuous engine,
+  which waiting requests to send to the engine now.
+- `token_cap(config, request)` / `continuation_cap(request)`: the most tokens a run may generate.
+
+For 10,000 waiting requests keep one `LengthSortedPool` (built with `pool_for(config)`) across
+decisions and pass it as `waiting`: `add` on arrival, `remove` on dispatch. Any other sequence is
+sorted on every call (several ms at that size).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal, get_args
+
+import numpy as np
+
+from services.scheduler import ordering
+from services.scheduler.batching import (
+    CandidateBatch,
+    CandidateSet,
+    EngineMode,
+    FloatArray,
+    IntArray,
+    LengthSortedPool,
+    adaptive_batches,
+    batch_of,
+    effective_predicted,
+    fixed_size_batches,
+    run_token_cap,
+)
+from services.scheduler.estimator import BatchTimeEstimator
+from services.scheduler.ordering import WaitDefinition
 
 
 @dataclass(frozen=True)
@@ -19,12 +50,69 @@ class WaitingRequest:
     max_tokens: int
     predicted_tokens: int
     upper_tokens: int
+    # The profiled length, when a benchmark replays a profiled workload: only the oracle reads it.
+    true_output_tokens: int | None = None
 
 
 @dataclass(frozen=True)
 class GpuSnapshot:
     gpu: int
     kv_budget_tokens: int
+
+
+PolicyName = Literal["fcfs-fixed", "continuous-fcfs", "sjf-predicted", "magnus", "magnus-oracle",
+                     "magnus-no-hrrn", "magnus-fixed-batch"]
+# Baselines that ignore predictions: their runs go to max_tokens, as plain vLLM's would.
+_PREDICTION_FREE: frozenset[PolicyName] = frozenset({"fcfs-fixed", "continuous-fcfs"})
+_HRRN: frozenset[PolicyName] = frozenset({"magnus", "magnus-oracle", "magnus-fixed-batch"})
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    name: PolicyName = "magnus"
+    batch_size: int = 8  # fixed-size variants (fcfs-fixed, sjf-predicted, magnus-fixed-batch)
+    max_waste_ratio: float = 0.5  # idle decode steps per useful token, per member (batching.py)
+    waste_slack_tokens: int = 16  # idle steps any member may take on top of the ratio
+    max_batch_size: int = 256  # the engine's max_num_seqs: no adaptive batch is larger
+    hrrn_wait: WaitDefinition = "oldest"
+    engine_mode: EngineMode = "static"
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        assert self.name in get_args(PolicyName), f"unknown policy {self.name!r}"
+        assert self.hrrn_wait in get_args(WaitDefinition), f"unknown wait {self.hrrn_wait!r}"
+        assert self.engine_mode in get_args(EngineMode), f"unknown mode {self.engine_mode!r}"
+        assert self.batch_size >= 1 and self.max_batch_size >= 1, "batch sizes must be positive"
+        assert self.max_waste_ratio >= 0 and self.waste_slack_tokens >= 0, "negative waste bound"
+        assert self.max_model_len >= 2, "model context too small"
+
+    @property
+    def oracle(self) -> bool:
+        return self.name == "magnus-oracle"
+
+    @property
+    def uses_predictions(self) -> bool:
+        return self.name not in _PREDICTION_FREE
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The batch to run now, and why: its estimated service time and response ratio."""
+
+    policy: PolicyName
+    batch: CandidateBatch
+    estimated_service_s: float
+    response_ratio: float
+    candidates: int  # how many candidate batches were compared
+
+    @property
+    def members(self) -> tuple[WaitingRequest, ...]:
+        return self.batch.members
+
+    @property
+    def token_caps(self) -> tuple[int, ...]:
+        """Per member, the max_tokens to send to the engine for this run."""
+        return self.batch.token_caps
 
 
 def fcfs_fixed(waiting: Sequence[WaitingRequest], batch_size: int) -> list[WaitingRequest]:
@@ -37,3 +125,153 @@ def fcfs_fixed(waiting: Sequence[WaitingRequest], batch_size: int) -> list[Waiti
     chosen = sorted(waiting, key=lambda w: (w.queued_at, w.request_id))[:batch_size]
     assert len({w.request_id for w in chosen}) == len(chosen), "a request twice in one batch"
     return chosen
+
+
+def continuation_cap(request: WaitingRequest, max_model_len: int | None = None) -> int:
+    """The token cap for a run: the request's upper bound, within max_tokens (and the context
+    left, if given). A run that reaches it unfinished goes back as a continuation (the loop's I/O).
+    """
+    return run_token_cap(request, max_model_len=max_model_len)
+
+
+def token_cap(config: PolicyConfig, request: WaitingRequest) -> int:
+    """The cap this policy runs a request with: max_tokens for the prediction-free baselines, the
+    true length for the oracle, else `continuation_cap`; always within the model context."""
+    if not config.uses_predictions:
+        return run_token_cap(_uncapped(request), max_model_len=config.max_model_len)
+    return run_token_cap(request, max_model_len=config.max_model_len, oracle=config.oracle)
+
+
+def pool_for(config: PolicyConfig, waiting: Sequence[WaitingRequest] = ()) -> LengthSortedPool:
+    """The sorted pool this policy batches from; keep it in the loop across decisions."""
+    return LengthSortedPool(waiting, max_model_len=config.max_model_len, oracle=config.oracle)
+
+
+def decide_batch(config: PolicyConfig, waiting: Sequence[WaitingRequest], gpu: GpuSnapshot,
+                 now: float, estimator: BatchTimeEstimator) -> Decision | None:
+    """Static engine: the one batch to run now on the free `gpu`, or None if nobody waits.
+
+    magnus: adaptive batches + HRRN; magnus-oracle: the same on true lengths; magnus-no-hrrn:
+    adaptive batches, the oldest request's batch first; magnus-fixed-batch: length-sorted groups of
+    batch_size + HRRN; sjf-predicted: length-sorted groups of batch_size, shortest first;
+    fcfs-fixed: `fcfs_fixed`; continuous-fcfs: everyone waiting, in arrival order (the "send all
+    to vLLM" baseline, no budget).
+    """
+    if not waiting:
+        return None
+    assert gpu.kv_budget_tokens >= 1, "a GPU without KV budget cannot run a batch"
+    if not config.uses_predictions:
+        return _decide_prediction_free(config, waiting, now, estimator)
+    candidates = _candidates(config, _as_pool(config, waiting), gpu)
+    if config.name in _HRRN:
+        pick = ordering.hrrn_pick(candidates, now, estimator, config.hrrn_wait)
+        return Decision(config.name, candidates[pick.index], pick.estimated_service_s,
+                        pick.response_ratio, len(candidates))
+    index = (ordering.sjf_index(candidates) if config.name == "sjf-predicted"
+             else ordering.fcfs_index(candidates))
+    return _decision(config, candidates[index], now, estimator, len(candidates))
+
+
+def admit_continuous(config: PolicyConfig, waiting: Sequence[WaitingRequest], gpu: GpuSnapshot,
+                     inflight_kv_tokens: int, now: float,
+                     estimator: BatchTimeEstimator) -> list[WaitingRequest]:
+    """Continuous engine: which waiting requests to send now, in the order to send them.
+
+    continuous-fcfs sends everyone in arrival order (plain vLLM; no budget). The others send, in
+    their order, while the predicted KV use (inflight + sum of input + cap) fits the budget, and
+    stop at the first that does not fit rather than let smaller ones past it: skipping would
+    starve long requests, the very thing the ordering prevents. If nothing is in flight the first
+    is sent even if alone it is over budget (it fits the context; see batching.py).
+
+    Order: magnus variants (HRRN) rank each request by its own response ratio, its service being
+    the estimated time of that request alone. Chosen over "predicted length with aging" because it
+    is aging with a rate derived from the request itself rather than a tuning constant: a request
+    of service S passes a fresh one of service s after waiting S x (1 + wait_s / s) - S, which is
+    the same rule the static policy uses, so the two modes stay comparable.
+    sjf-predicted: shortest predicted first. fcfs-fixed, magnus-no-hrrn: arrival order.
+    """
+    assert inflight_kv_tokens >= 0, "negative KV in flight"
+    if not waiting:
+        return []
+    if config.name == "continuous-fcfs":
+        return sorted(waiting, key=lambda w: (w.queued_at, w.request_id))
+    predicted, inputs, caps, queued_at = _request_columns(config, waiting)
+    if config.name in _HRRN:
+        service = estimator.estimate_many(np.ones_like(inputs), inputs, predicted)
+        ratios = ordering.response_ratios(now - queued_at, service)
+        order = np.lexsort((queued_at, -ratios))
+    elif config.name == "sjf-predicted":
+        order = np.lexsort((queued_at, predicted))
+    else:
+        order = np.argsort(queued_at, kind="stable")
+    demand = np.cumsum((inputs + caps)[order])
+    admitted = int(np.searchsorted(demand, gpu.kv_budget_tokens - inflight_kv_tokens,
+                                   side="right"))
+    alone_over_budget = admitted == 0 and inflight_kv_tokens == 0
+    if alone_over_budget:
+        admitted = 1  # a lone oversize request still runs, alone
+    chosen = [waiting[int(i)] for i in order[:admitted]]
+    assert len({w.request_id for w in chosen}) == len(chosen), "a request admitted twice"
+    assert alone_over_budget or admitted == 0 or (
+        inflight_kv_tokens + int(demand[admitted - 1]) <= gpu.kv_budget_tokens), "over KV budget"
+    return chosen
+
+
+# --- internals ----------------------------------------------------------------------------
+def _as_pool(config: PolicyConfig, waiting: Sequence[WaitingRequest]) -> LengthSortedPool:
+    if isinstance(waiting, LengthSortedPool) and waiting.matches(
+            max_model_len=config.max_model_len, oracle=config.oracle):
+        return waiting
+    return pool_for(config, waiting)
+
+
+def _request_columns(config: PolicyConfig, waiting: Sequence[WaitingRequest]) -> tuple[
+        IntArray, IntArray, IntArray, FloatArray]:
+    """Planned length, input, cap and queued_at per request: the kept pool's columns when it was
+    built for this policy (no per-request Python work), else computed here."""
+    if config.uses_predictions and isinstance(waiting, LengthSortedPool) and waiting.matches(
+            max_model_len=config.max_model_len, oracle=config.oracle):
+        return (waiting.predicted_tokens, waiting.input_tokens, waiting.cap_tokens,
+                waiting.queued_at)
+    caps = [token_cap(config, w) for w in waiting]
+    predicted = [effective_predicted(w, c, oracle=config.oracle)
+                 for w, c in zip(waiting, caps, strict=True)]
+    return (np.array(predicted, dtype=np.int64), np.array([w.input_tokens for w in waiting],
+                                                          dtype=np.int64),
+            np.array(caps, dtype=np.int64),
+            np.array([w.queued_at for w in waiting], dtype=np.float64))
+
+
+def _candidates(config: PolicyConfig, pool: LengthSortedPool, gpu: GpuSnapshot) -> CandidateSet:
+    if config.name in ("magnus", "magnus-oracle", "magnus-no-hrrn"):
+        return adaptive_batches(pool, gpu.kv_budget_tokens, engine_mode=config.engine_mode,
+                                max_waste_ratio=config.max_waste_ratio,
+                                waste_slack_tokens=config.waste_slack_tokens,
+                                max_batch_size=config.max_batch_size)
+    return fixed_size_batches(pool, config.batch_size, gpu.kv_budget_tokens,
+                              engine_mode=config.engine_mode)
+
+
+def _decide_prediction_free(config: PolicyConfig, waiting: Sequence[WaitingRequest], now: float,
+                            estimator: BatchTimeEstimator) -> Decision:
+    if config.name == "fcfs-fixed":
+        members = fcfs_fixed(waiting, config.batch_size)
+    else:
+        members = sorted(waiting, key=lambda w: (w.queued_at, w.request_id))
+    caps = [token_cap(config, w) for w in members]
+    predicted = [effective_predicted(w, c) for w, c in zip(members, caps, strict=True)]
+    batch = batch_of(members, caps, predicted, config.engine_mode)
+    return _decision(config, batch, now, estimator, candidates=1)
+
+
+def _decision(config: PolicyConfig, batch: CandidateBatch, now: float,
+              estimator: BatchTimeEstimator, candidates: int) -> Decision:
+    service = estimator.estimate(batch.size, batch.max_input_tokens, batch.max_predicted_tokens)
+    wait = now - (batch.oldest_queued_at if config.hrrn_wait == "oldest" else batch.mean_queued_at)
+    return Decision(config.name, batch, service, ordering.response_ratio(wait, service),
+                    candidates)
+
+
+def _uncapped(request: WaitingRequest) -> WaitingRequest:
+    """The request as a prediction-free policy sees it: its upper bound is its max_tokens."""
+    return replace(request, upper_tokens=request.max_tokens)
