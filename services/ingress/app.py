@@ -3,6 +3,7 @@
     POST /v1/requests            submit (202 + id)
     GET  /v1/requests/{id}       status, text, token counts, stage timestamps
     POST /v1/chat/completions    OpenAI-compatible: submit and wait for the answer
+    GET  /v1/metrics             counters (predictor source, continuations, batches), depths
     GET  /healthz                liveness of ingress and its Redis
 """
 
@@ -170,6 +171,15 @@ def create_app(
                       "completion_tokens": view.generated_tokens,
                       "total_tokens": view.input_tokens + (view.generated_tokens or 0)},
         }
+
+    @app.get("/v1/metrics")
+    def metrics() -> dict[str, Any]:
+        """Counters by stage and reason (predictor source, continuations, batches) and depths."""
+        r: redis.Redis = holder["redis"]
+        counters = {k: int(v) for k, v in r.hgetall(keys.METRICS).items()}
+        return {"counters": counters,
+                "waiting": r.zcard(keys.SCHEDULER_WAITING),
+                "incoming_stream": r.xlen(keys.STREAM_INCOMING)}
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:

@@ -83,6 +83,12 @@ def test_unknown_id_is_404_and_health_is_ok(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
 
 
+def test_metrics_count_accepted_requests(client: TestClient) -> None:
+    client.post("/v1/requests", json=GOOD)
+    body = client.get("/v1/metrics").json()
+    assert body["counters"]["requests_accepted"] == 1 and body["incoming_stream"] == 1
+
+
 def test_backpressure_answers_429(client: TestClient, redis_client: redis.Redis) -> None:
     redis_client.zadd(keys.SCHEDULER_WAITING, {"a": 1, "b": 2})  # pool at its limit of 2
     resp = client.post("/v1/requests", json=GOOD)
