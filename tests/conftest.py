@@ -108,3 +108,24 @@ class RecordingCelery:
 @pytest.fixture()
 def recording_celery() -> RecordingCelery:
     return RecordingCelery()
+
+
+# --- CI guard: the engine tests must run, not be skipped or deselected -------------------------
+_engine_outcomes: dict[str, list[str]] = {"passed": [], "skipped": [], "failed": []}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "engine" in report.keywords and report.when == "call" or (
+            "engine" in report.keywords and report.skipped):
+        _engine_outcomes[report.outcome].append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from shared.settings import TestRunSettings
+
+    if not TestRunSettings().ci:
+        return
+    if _engine_outcomes["skipped"] or not _engine_outcomes["passed"]:
+        print(f"\nCI: engine tests must run on the real engine; ran "
+              f"{len(_engine_outcomes['passed'])}, skipped {_engine_outcomes['skipped']}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
