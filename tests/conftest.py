@@ -115,7 +115,7 @@ _engine_outcomes: dict[str, list[str]] = {"passed": [], "skipped": [], "failed":
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if "engine" in report.keywords and report.when == "call" or (
+    if ("engine" in report.keywords and report.when == "call") or (
             "engine" in report.keywords and report.skipped):
         _engine_outcomes[report.outcome].append(report.nodeid)
 
