@@ -73,7 +73,9 @@ def test_twenty_concurrent_requests_all_complete_and_nothing_is_lost(stack: Stac
     for v in views:
         assert 1 <= v["generated_tokens"] <= 24
         assert v["finish_reason"] in ("stop", "length")
-        assert (v["generated_tokens"] == 24) == (v["finish_reason"] == "length")
+        # "length" means the request's own max_tokens was reached (a run stopped early at a
+        # predicted cap continues instead); the model may also stop by itself exactly at 24.
+        assert v["finish_reason"] == "stop" or v["generated_tokens"] == 24
         assert v["text"].strip()
         assert v["predicted_tokens"] is not None and v["batch_id"]
     # Batches respected the fixed size, and nothing waits or runs any more.
