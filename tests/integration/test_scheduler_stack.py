@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.engine]
 
 # A 4-token prediction for every request: random weights rarely emit EOS, so each run stops at its
 # predicted cap and comes back as a continuation until the request's own max_tokens.
-COLD_START_ENV = {"MAGNUS_DEFAULT_PREDICTED_TOKENS": "4", "MAGNUS_PREDICTOR_ARTIFACT": "none"}
+COLD_START_ENV = {"MAGNUS_DEFAULT_PREDICTED_TOKENS": "4", "MAGNUS_USE_MODEL": "false"}
 
 
 def submit_all(stack: Stack, n: int, max_tokens: int) -> list[str]:

@@ -22,7 +22,9 @@ FINAL = {"completed", "failed", "cancelled"}
 
 @pytest.fixture(scope="module")
 def stack(stack_factory: StackFactory) -> Stack:
-    return stack_factory(SMOLLM2_DIR, service_env={"MAGNUS_BATCH_SIZE": "8"})
+    # The walking system's first policy: fixed batches of 8 (magnus runs in test_scheduler_stack).
+    return stack_factory(SMOLLM2_DIR, service_env={"MAGNUS_POLICY": "fcfs-fixed",
+                                                   "MAGNUS_BATCH_SIZE": "8"})
 
 
 def poll_until_final(client: httpx.Client, request_id: str, timeout_s: float = 240

