@@ -237,19 +237,23 @@ class Stack:
         return [c.name for c in self.children if not c.alive()]
 
     def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM every process group (services first, Redis last), then SIGKILL stragglers."""
-        for child in reversed(self.children):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for child in reversed(self.children):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.proc.pid, signal.SIGKILL)  # whatever is left of the group
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.proc.wait(timeout=5)
-            _wait_group_gone(child.proc.pid, timeout_s=10)
+        """SIGTERM every service's process group, then Redis once they have exited (so none dies
+        mid-read of a vanished Redis); SIGKILL whatever outlives the grace period."""
+        services = [c for c in reversed(self.children) if c.name != "redis"]
+        redis_children = [c for c in self.children if c.name == "redis"]
+        for group in (services, redis_children):
+            for child in group:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            for child in group:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.proc.pid, signal.SIGKILL)  # whatever is left of the group
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.proc.wait(timeout=5)
+                _wait_group_gone(child.proc.pid, timeout_s=10)
         for out in self._logs:
             out.close()
         self.children.clear()
