@@ -15,13 +15,11 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import redis
@@ -40,6 +38,7 @@ from services.predictor.model import (
 )
 from services.predictor.pipeline import Caches, retrain
 from shared import keys, state
+from shared.lifecycle import start_service
 from shared.redis_conn import connect
 from shared.schemas import (
     CompletedEvent,
@@ -337,17 +336,10 @@ class PredictorService:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    stop = start_service()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = PredictorSettings()
     r = connect(settings.redis_url, settings.redis_connect_timeout_s)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     PredictorService(r, settings, consumer=f"predictor-{os.getpid()}").run(stop)
     return 0
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from types import FrameType
 
 import redis
 from celery import Celery
@@ -25,6 +23,7 @@ from services.scheduler import policy
 from services.scheduler.estimator import ServiceRecord, ServiceTimeEstimator
 from services.worker.celery_app import RUN_BATCH_TASK, make_celery
 from shared import keys, state
+from shared.lifecycle import start_service
 from shared.redis_conn import connect
 from shared.schemas import (
     Batch,
@@ -283,16 +282,9 @@ class Scheduler:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    stop = start_service()
     settings = SchedulerSettings()
     r = connect(settings.redis_url, settings.redis_connect_timeout_s)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     Scheduler(r, make_celery(settings.redis_url), settings,
               instance_id=f"scheduler-{os.getpid()}-{uuid.uuid4().hex[:6]}").run(stop)
     return 0
