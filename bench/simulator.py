@@ -69,10 +69,19 @@ class SimRequest:
     input_tokens: int
     true_tokens: int  # what the model generates for it, within max_tokens
     max_tokens: int
+    # What magnus-oracle is told (the real stack tells it the profiled length, which a sampled
+    # run need not reproduce); None: the true length.
+    oracle_tokens: int | None = None
 
     def __post_init__(self) -> None:
         assert self.input_tokens >= 1 and self.max_tokens >= 1, "empty prompt or max_tokens"
         assert 1 <= self.true_tokens <= self.max_tokens, "true length outside [1, max_tokens]"
+        assert self.oracle_tokens is None or self.oracle_tokens >= 1, "oracle length < 1"
+
+    @property
+    def planned_tokens(self) -> int:
+        """The length the oracle plans with."""
+        return self.true_tokens if self.oracle_tokens is None else self.oracle_tokens
 
 
 class LengthPredictor(Protocol):
@@ -494,6 +503,7 @@ class Simulation:
         self.threads_busy = [0] * config.gpus
         self.thread_queue: list[deque[_Batch]] = [deque() for _ in range(config.gpus)]
         self.inflight_kv: list[dict[str, int]] = [{} for _ in range(config.gpus)]
+        self.inflight_kv_total = [0] * config.gpus  # sum of each dict's values, kept as they change
         self.runs: dict[int, tuple[_Batch, _Item]] = {}
         self.batches: list[SimBatch] = []
         self.finished: list[_Live] = []
@@ -553,10 +563,16 @@ class Simulation:
             input_tokens=r.input_tokens + live.generated,
             max_tokens=r.max_tokens - live.generated,
             predicted_tokens=live.predicted, upper_tokens=live.upper,
-            true_output_tokens=max(live.true_remaining, 1)))
+            # As the scheduler tells the oracle of a continuation: the remaining profiled length,
+            # none once the run outgrew it (the oracle then plans with the prediction).
+            true_output_tokens=(r.planned_tokens - live.generated
+                                if live.generated < r.planned_tokens else None)))
 
     # --- decisions (Scheduler.decide) -------------------------------------------------------
     def _decide(self, now: float) -> None:
+        """Passes over the GPUs until nobody is sent anywhere (the loop's successive ticks at
+        one instant). Continuous mode needs one pass: a GPU just asked would be asked the same
+        ranking again at the same instant, whose first request did not fit, so it gets none."""
         progress = True
         while progress and len(self.pool):
             progress = False
@@ -566,13 +582,12 @@ class Simulation:
                 members = self._decide_gpu(gpu, now)
                 if members:
                     self._form(gpu, members, now)
-                    progress = True
+                    progress = self.config.mode == "static"
 
     def _gpu_order(self) -> list[int]:
         if self.config.mode == "static":
             return sorted(range(self.config.gpus), key=lambda g: (len(self.inflight[g]), g))
-        return sorted(range(self.config.gpus),
-                      key=lambda g: (sum(self.inflight_kv[g].values()), g))
+        return sorted(range(self.config.gpus), key=lambda g: (self.inflight_kv_total[g], g))
 
     def _decide_gpu(self, gpu: int, now: float) -> list[tuple[policy.WaitingRequest, int]]:
         """What the loop sends `gpu` now: (request, token cap) pairs, maybe none."""
@@ -585,10 +600,21 @@ class Simulation:
             if decision is None:
                 return []
             return list(zip(decision.members, decision.token_caps, strict=True))
-        inflight_kv = sum(self.inflight_kv[gpu].values())
+        inflight_kv = self.inflight_kv_total[gpu]
+        if self._nothing_fits(inflight_kv):
+            return []
         admitted = policy.admit_continuous(cfg.policy, self.pool, snapshot, inflight_kv, now,
                                            self.estimator)
         return [(w, policy.token_cap(cfg.policy, w)) for w in admitted]
+
+    def _nothing_fits(self, inflight_kv: int) -> bool:
+        """Whether `admit_continuous` would surely admit nobody: something is in flight and not
+        even the smallest waiting request fits the KV left. The same answer without ranking the
+        whole pool (which, for 64 GPUs after every event, dominated the run time)."""
+        if self.config.policy.name == "continuous-fcfs" or inflight_kv == 0:
+            return False  # continuous-fcfs admits everyone; an idle GPU takes even an oversize one
+        smallest = int((self.pool.input_tokens + self.pool.cap_tokens).min())
+        return inflight_kv + smallest > self.config.kv_budget_tokens
 
     def _form(self, gpu: int, members: list[tuple[policy.WaitingRequest, int]],
               now: float) -> None:
@@ -596,14 +622,19 @@ class Simulation:
         items = [_Item(self.live[w.request_id], w, max(min(cap, w.max_tokens), 1))
                  for w, cap in members]
         self.pool.remove([w.request_id for w, _ in members])
+        static = self.config.mode == "static"
+        # KV held until a result arrives: static, prompt + cap; continuous, the admission's own
+        # reservation (runs there are not capped), as Scheduler._form records them.
+        held = [i.waiting.input_tokens + i.cap if static
+                else policy.admission_tokens(self.config.policy, i.waiting) for i in items]
         demand = (len(items) * (max(i.waiting.input_tokens for i in items)
                                 + max(i.cap for i in items))
-                  if self.config.mode == "static"
-                  else sum(i.waiting.input_tokens + i.cap for i in items))
+                  if static else sum(held))
         batch = _Batch(self._new_id(), gpu, items, demand, now)
         kv = self.inflight_kv[gpu]
-        for item in items:
-            kv[item.waiting.request_id] = item.waiting.input_tokens + item.cap
+        for item, tokens in zip(items, held, strict=True):
+            kv[item.waiting.request_id] = tokens
+            self.inflight_kv_total[gpu] += tokens
         queue = self.inflight[gpu]
         queue.append(batch)
         # Static: the worker runs one batch at a time, so a staged batch starts when the one
@@ -649,7 +680,8 @@ class Simulation:
         live = item.live
         live.generated += seq.generated
         live.first_token_at = seq.first_token_at
-        self.inflight_kv[batch.gpu].pop(item.waiting.request_id, None)
+        self.inflight_kv_total[batch.gpu] -= self.inflight_kv[batch.gpu].pop(
+            item.waiting.request_id)
         # runner.continuation_of: stopped at the cap ("length") short of max_tokens.
         if live.true_remaining > 0:
             live.continuations += 1
