@@ -44,8 +44,11 @@ log = logging.getLogger("magnus.scheduler")
 def to_waiting(p: PredictedRequest) -> policy.WaitingRequest:
     """The policy's view of a request. For a continuation, lengths are what remains to generate."""
     req = p.request
+    # The oracle's knowledge (the profiled length) runs out when a sampled run outgrows it: from
+    # then on it plans with the prediction, as the others do, instead of 1-token runs.
     true_remaining = (None if req.true_output_tokens is None
-                      else max(req.true_output_tokens - req.generated_so_far, 1))
+                      or req.generated_so_far >= req.true_output_tokens
+                      else req.true_output_tokens - req.generated_so_far)
     return policy.WaitingRequest(
         request_id=req.request_id,
         queued_at=req.queued_at,
@@ -119,8 +122,10 @@ class Scheduler:
             for gpu in range(self.settings.gpus)
         }
         # Until their results arrive, count every member of an in-flight batch as holding KV.
+        # A batch item does not record its admission's reservation; its prompt + predicted upper
+        # bound is that reservation except for the oracle's (true length).
         self.inflight_kv = {
-            gpu: {i.request_id: i.input_tokens + i.max_tokens
+            gpu: {i.request_id: i.input_tokens + min(i.upper_tokens, i.max_tokens)
                   for b in batches.values() for i in b.items}
             for gpu, batches in self.inflight.items()
         }
@@ -189,6 +194,7 @@ class Scheduler:
                     continue
                 members = list(zip(decision.members, decision.token_caps, strict=True))
                 estimated = decision.estimated_service_s
+                held = None
             else:
                 inflight_kv = sum(self.inflight_kv.get(gpu, {}).values())
                 admitted = policy.admit_continuous(self.config, self.sorted_pool, snapshot,
@@ -197,20 +203,23 @@ class Scheduler:
                     continue
                 members = [(w, policy.token_cap(self.config, w)) for w in admitted]
                 estimated = 0.0
-            batch = self._form(gpu, members, estimated, now)
+                held = [policy.admission_tokens(self.config, w) for w in admitted]
+            batch = self._form(gpu, members, estimated, now, held)
             batches.append(batch)
         return batches
 
     def _form(self, gpu: int, members: list[tuple[policy.WaitingRequest, int]],
-              estimated_service_s: float, now: float) -> Batch:
+              estimated_service_s: float, now: float, held: list[int] | None = None) -> Batch:
+        """`held`: the KV tokens each member counts as holding until its result (continuous
+        admission's reservations); None: prompt + cap."""
         items = [self._item(self.pool.pop(w.request_id), cap) for w, cap in members]
         self.sorted_pool.remove([w.request_id for w, _ in members])
         batch = Batch(batch_id=uuid.uuid4().hex, gpu=gpu, policy=self.settings.policy,
                       items=items, estimated_service_s=estimated_service_s, formed_at=now)
         self.inflight.setdefault(gpu, {})[batch.batch_id] = batch
         kv = self.inflight_kv.setdefault(gpu, {})
-        for item in items:
-            kv[item.request_id] = item.input_tokens + item.max_tokens
+        for n, item in enumerate(items):
+            kv[item.request_id] = item.input_tokens + item.max_tokens if held is None else held[n]
         return batch
 
     @staticmethod

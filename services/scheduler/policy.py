@@ -135,11 +135,28 @@ def continuation_cap(request: WaitingRequest, max_model_len: int | None = None) 
 
 
 def token_cap(config: PolicyConfig, request: WaitingRequest) -> int:
-    """The cap this policy runs a request with: max_tokens for the prediction-free baselines, the
-    true length for the oracle, else `continuation_cap`; always within the model context."""
-    if not config.uses_predictions:
+    """The max_tokens a run of this request is sent with, always within the model context.
+
+    Static batches of the predicting policies cap a run at the predicted upper bound (the true
+    length for the oracle): a static batch waits for its longest member, so a run that outgrows
+    its prediction comes back as a continuation instead of holding the batch. Continuous mode and
+    the prediction-free baselines send the whole remaining max_tokens: a long run holds nobody up
+    in a continuous engine, and a continuation would only prefill its prompt and output again.
+    """
+    if not config.uses_predictions or config.engine_mode == "continuous":
         return run_token_cap(_uncapped(request), max_model_len=config.max_model_len)
     return run_token_cap(request, max_model_len=config.max_model_len, oracle=config.oracle)
+
+
+def admission_tokens(config: PolicyConfig, request: WaitingRequest) -> int:
+    """KV tokens continuous admission counts a request as holding until its result arrives:
+    prompt + planned run length (predicted upper bound, true length for the oracle, max_tokens
+    for the baselines). `admit_continuous` sums these against the budget; the run itself is not
+    capped there, so a request past its bound uses more and vLLM's paging absorbs it."""
+    if not config.uses_predictions:
+        return request.input_tokens + token_cap(config, request)
+    return request.input_tokens + run_token_cap(request, max_model_len=config.max_model_len,
+                                                oracle=config.oracle)
 
 
 def pool_for(config: PolicyConfig, waiting: Sequence[WaitingRequest] = ()) -> LengthSortedPool:

@@ -17,6 +17,7 @@ from services.scheduler.policy import (
     PolicyConfig,
     PolicyName,
     WaitingRequest,
+    admission_tokens,
     admit_continuous,
     continuation_cap,
     decide_batch,
@@ -127,6 +128,20 @@ def test_continuation_cap_and_token_cap() -> None:
     assert token_cap(PolicyConfig(name="magnus", max_model_len=150), request) == 50
 
 
+def test_continuous_runs_are_not_capped_but_admission_reserves_the_planned_length() -> None:
+    request = WaitingRequest("r", 0.0, input_tokens=100, max_tokens=200, predicted_tokens=80,
+                             upper_tokens=120, true_output_tokens=90)
+    magnus = PolicyConfig(name="magnus", engine_mode="continuous")
+    oracle = PolicyConfig(name="magnus-oracle", engine_mode="continuous")
+    cfcfs = PolicyConfig(name="continuous-fcfs", engine_mode="continuous")
+    assert token_cap(magnus, request) == token_cap(oracle, request) == 200
+    assert admission_tokens(magnus, request) == 100 + 120
+    assert admission_tokens(oracle, request) == 100 + 90
+    assert admission_tokens(cfcfs, request) == 100 + 200
+    assert token_cap(PolicyConfig(name="magnus", engine_mode="continuous", max_model_len=150),
+                     request) == 50
+
+
 # --- continuous engine --------------------------------------------------------------------------
 def test_continuous_fcfs_sends_everyone_in_arrival_order() -> None:
     waiting = [_w(i, 100, queued_at=float(-i)) for i in range(5)]
@@ -146,7 +161,7 @@ def test_admission_stays_within_budget_and_drains(waiting: list[WaitingRequest],
     admitted = admit_continuous(config, waiting, gpu, inflight, 0.0, estimator)
     ids = [w.request_id for w in admitted]
     assert len(set(ids)) == len(ids)
-    demand = sum(w.input_tokens + token_cap(config, w) for w in admitted)
+    demand = sum(admission_tokens(config, w) for w in admitted)
     if name == "continuous-fcfs":
         assert len(admitted) == len(waiting)
     elif admitted and not (inflight == 0 and len(admitted) == 1):

@@ -37,3 +37,23 @@ def test_finished_or_exhausted_requests_are_not_continued() -> None:
     assert continuation_of(_req(), _res("done", 30, "stop")) is None
     assert continuation_of(_req(), _res("all", 100, "length")) is None  # its own max reached
     assert continuation_of(_req(), _res("", 0, "error")) is None
+
+
+def test_the_oracle_plans_with_the_remaining_true_length_until_a_run_outgrows_it() -> None:
+    from services.scheduler.main import to_waiting
+    from shared.schemas import PredictedRequest, Prediction, PredictorSource
+
+    def waiting(generated_so_far: int) -> int | None:
+        req = QueuedRequest(request_id="r", app_id="a", user_id="u", instruction="i", input="x",
+                            max_tokens=512, input_tokens=40, true_output_tokens=100,
+                            queued_at=0.0, continuation="y" * generated_so_far,
+                            generated_so_far=generated_so_far,
+                            continuations=int(generated_so_far > 0))
+        pred = Prediction(request_id="r", predicted_tokens=60, upper_tokens=90,
+                          model_version="t", source=PredictorSource.MODEL, predicted_at=0.0)
+        return to_waiting(PredictedRequest(request=req, prediction=pred)).true_output_tokens
+
+    assert waiting(0) == 100
+    assert waiting(90) == 10
+    # The sampled run generated more than the profiled length: no 1-token runs from here on.
+    assert waiting(100) is None and waiting(130) is None
