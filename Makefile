@@ -1,7 +1,7 @@
 # The two commands a user needs: `make run` (the stack on this machine) and `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup run test lint model clean
+.PHONY: setup run test lint model clean bench bench-sweep bench-sim profile-engine loadtest
 setup:
 	@bash scripts/setup.sh
 
@@ -14,9 +14,27 @@ run: model
 test: model
 	@$(PY) -m pytest
 
+# Benchmarks (docs/benchmarks.md): `make bench` is the default run (about 20 min on 2 cores).
+bench: model
+	@$(PY) -m bench
+
+bench-sweep: model
+	@$(PY) -m bench sweep
+
+bench-sim: setup
+	@$(PY) -m bench sim
+
+profile-engine: model
+	@$(PY) -m bench profile-engine
+
+# Against a running stack (`make run` in another terminal): 2 minutes of Locust, headless.
+loadtest: setup
+	@$(PY) -m locust -f loadtest/locustfile.py --headless -H http://127.0.0.1:8000 \
+		-u 7 -r 2 -t 2m --trace-rate 0.5 --csv results/locust --only-summary
+
 lint: setup
-	@$(PY) -m ruff check shared services tests
-	@$(PY) -m mypy shared services tests
+	@$(PY) -m ruff check shared services tests bench loadtest
+	@$(PY) -m mypy shared services tests bench
 
 clean:
 	rm -rf run .pytest_cache .mypy_cache .ruff_cache

@@ -29,7 +29,7 @@ import argparse
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,6 +63,16 @@ class EngineCostModel:
         assert all(c >= 0 and math.isfinite(c) for c in costs), f"bad cost constants {costs}"
         assert self.chunk_tokens >= 1, "prefill chunk must hold a token"
         assert self.step_base_s + self.step_per_seq_s > 0, "a decode step must take time"
+
+    def scaled(self, factor: float) -> EngineCostModel:
+        """Every step `factor` times slower: the engine inside the whole stack, sharing the CPU
+        with the services, rather than alone as profiled (sim_run's stack slowdown)."""
+        assert factor > 0 and math.isfinite(factor), f"bad slowdown {factor}"
+        return replace(self, step_base_s=self.step_base_s * factor,
+                       step_per_seq_s=self.step_per_seq_s * factor,
+                       step_per_context_token_s=self.step_per_context_token_s * factor,
+                       prefill_step_s=self.prefill_step_s * factor,
+                       prefill_per_token_s=self.prefill_per_token_s * factor)
 
     def step_time(self, batch: float, context_tokens: float) -> float:
         """One decode step of `batch` sequences attending over `context_tokens` KV tokens."""

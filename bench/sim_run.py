@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ import numpy as np
 
 from bench.cost_model import DEFAULT_PROFILE, CostModelFit, EngineCostModel, load_fit
 from bench.metrics import RunSummary, table
+from bench.plots import plot_cdf, plot_vs_rate
 from bench.simulator import AppMeanPredictor, SimConfig, SimRequest, SimResult, simulate
 from services.scheduler.policy import PolicyConfig
 from services.workload.analysis import load_profile
@@ -174,28 +176,64 @@ def find(rows: Sequence[Row], policy: str, mode: str) -> Row:
 
 # --- comparisons ------------------------------------------------------------------------------
 
-def compare_with_real(rows: Sequence[Row], real_path: Path) -> tuple[str, list[dict[str, Any]]]:
-    """Sim / real ratios of throughput and mean response for every run both have."""
+def realized_workload(requests: Sequence[SimRequest], real_row: dict[str, Any]
+                      ) -> list[SimRequest] | None:
+    """`requests` with the lengths one real run actually generated (sampling at temperature 0.2
+    does not reproduce the profiled lengths), the oracle still told the profiled ones as the
+    real oracle was; None when that run has no per-request outcomes or left some unfinished."""
+    outcomes = real_row.get("outcomes")
+    if (not outcomes or len(outcomes) != len(requests)
+            or any(o["status"] != "completed" for o in outcomes)):
+        return None
+    out = []
+    for q, o in zip(requests, outcomes, strict=True):
+        assert o["true_tokens"] == q.true_tokens, "real outcomes are not in the workload's order"
+        out.append(replace(q, true_tokens=max(1, min(int(o["generated_tokens"]), q.max_tokens)),
+                           oracle_tokens=q.true_tokens))
+    return out
+
+
+def compare_with_real(rows: Sequence[Row], real_path: Path, realized: Sequence[Row] = (),
+                      engine_only: Sequence[Row] = ()) -> tuple[str, list[dict[str, Any]]]:
+    """Sim / real ratios of throughput and mean response time for every run both have, judged
+    on the simulation of the lengths that real run generated when `realized` has it, else on
+    the profiled lengths (`rows`). `engine_only`: the realized runs on the engine profile alone
+    (no stack slowdown), shown beside."""
     if not real_path.exists():
         return f"(no {real_path.relative_to(REPO_ROOT)}: no real results to compare with)\n", []
     real = json.loads(real_path.read_text())["rows"]
     out: list[dict[str, Any]] = []
-    lines = ["| policy | mode | real req/s | sim req/s | sim/real | real mean RT s | "
-             "sim mean RT s | sim/real | within 15% |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| policy | mode | real req/s | sim req/s | sim/real | real mean RT s | sim mean RT "
+             "s | sim/real | within 15% | sim/real, engine profile alone: req/s | mean RT |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def find_in(these: Sequence[Row], r: dict[str, Any]) -> RunSummary | None:
+        match = [x.summary for x in these
+                 if x.summary.policy == r["policy"] and x.summary.mode == r["mode"]]
+        return match[0] if match else None
+
     for r in real:
-        match = [s for s in rows if s.summary.policy == r["policy"]
-                 and s.summary.mode == r["mode"]]
-        if not match:
+        judged = find_in(realized, r) or find_in(rows, r)
+        if judged is None:
             continue
-        s = match[0].summary
-        thr = s.request_throughput / max(r["request_throughput"], 1e-12)
-        rt = s.mean_response_s / max(r["mean_response_s"], 1e-12)
+        thr = judged.request_throughput / max(r["request_throughput"], 1e-12)
+        rt = judged.mean_response_s / max(r["mean_response_s"], 1e-12)
         ok = abs(thr - 1) <= 0.15 and abs(rt - 1) <= 0.15
-        out.append({"policy": s.policy, "mode": s.mode, "throughput_ratio": thr,
-                    "mean_response_ratio": rt, "within_15pct": ok})
-        lines.append(f"| {s.policy} | {s.mode} | {r['request_throughput']:.3f} | "
-                     f"{s.request_throughput:.3f} | {thr:.2f} | {r['mean_response_s']:.2f} | "
-                     f"{s.mean_response_s:.2f} | {rt:.2f} | {'yes' if ok else 'no'} |")
+        alone = find_in(engine_only, r)
+        alone_thr = None if alone is None else alone.request_throughput / max(
+            r["request_throughput"], 1e-12)
+        alone_rt = None if alone is None else alone.mean_response_s / max(
+            r["mean_response_s"], 1e-12)
+        out.append({"policy": judged.policy, "mode": judged.mode, "throughput_ratio": thr,
+                    "mean_response_ratio": rt, "within_15pct": ok,
+                    "lengths": "realized" if find_in(realized, r) else "profiled",
+                    "engine_only_throughput_ratio": alone_thr,
+                    "engine_only_mean_response_ratio": alone_rt})
+        cell = (lambda v: "-" if v is None else f"{v:.2f}")  # noqa: E731
+        lines.append(f"| {judged.policy} | {judged.mode} | {r['request_throughput']:.3f} | "
+                     f"{judged.request_throughput:.3f} | {thr:.2f} | "
+                     f"{r['mean_response_s']:.2f} | {judged.mean_response_s:.2f} | {rt:.2f} | "
+                     f"{'yes' if ok else 'no'} | {cell(alone_thr)} | {cell(alone_rt)} |")
     return "\n".join(lines) + "\n", out
 
 
@@ -219,64 +257,6 @@ def headline(rows: Sequence[Row]) -> dict[str, float]:
     return out
 
 
-# --- plots ------------------------------------------------------------------------------------
-
-def plot_cdf(rows: Sequence[Row], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, mode in zip(axes, ("static", "continuous"), strict=True):
-        for row in (x for x in rows if x.summary.mode == mode):
-            y = np.arange(1, len(row.response_s) + 1) / len(row.response_s)
-            ax.plot(row.response_s, y, label=row.summary.policy)
-        ax.set_xscale("log")
-        ax.set_xlabel("response time (s, log)")
-        ax.set_title(f"{title}: {mode}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("share of requests")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_sweep(rows: Sequence[Row], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    keys = sorted({(r.summary.policy, r.summary.mode) for r in rows})
-    for policy, mode in keys:
-        line = sorted((r for r in rows if (r.summary.policy, r.summary.mode) == (policy, mode)),
-                      key=lambda r: r.summary.rate_per_s)
-        rates = [r.summary.rate_per_s for r in line]
-        # Solid circles static, dashed squares continuous: equal curves stay visible.
-        style, marker = ("-", "o") if mode == "static" else ("--", "s")
-        left.plot(rates, [r.summary.request_throughput for r in line], style, marker=marker,
-                  label=f"{policy} ({mode})", alpha=0.85)
-        right.plot(rates, [r.summary.mean_response_s for r in line], style, marker=marker,
-                   label=f"{policy} ({mode})", alpha=0.85)
-    left.set_xlabel("arrival rate (req/s)")
-    left.set_ylabel("throughput (req/s)")
-    right.set_xlabel("arrival rate (req/s)")
-    right.set_ylabel("mean response time (s, log)")
-    right.set_yscale("log")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-    right.legend(fontsize=7)
-    fig.suptitle("Simulated load sweep, 1 GPU (CPU-calibrated cost model)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # --- parts ------------------------------------------------------------------------------------
 
 @dataclass
@@ -287,6 +267,11 @@ class Context:
     fit: CostModelFit
     overheads: tuple[float, float]
     sections: dict[str, str]
+    slowdown: float = 1.0  # the stack slowdown the runs use (fit_stack_slowdown)
+
+    @property
+    def cost(self) -> EngineCostModel:
+        return self.fit.model.scaled(self.slowdown)
 
 
 def part_real(ctx: Context) -> None:
@@ -296,17 +281,75 @@ def part_real(ctx: Context) -> None:
     assert same is not False, "the selection differs from bench.real_stack.workload's"
     print(f"\n## real-stack default: {len(reqs)} requests, {a.rate}/s, 1 GPU "
           f"(same selection as bench.real_stack: {same})")
-    rows = run_all(reqs, a.rate, 1, ctx.fit.model, ctx.predictor, ctx.overheads,
+    rows = run_all(reqs, a.rate, 1, ctx.cost, ctx.predictor, ctx.overheads,
                    modes_for(STATIC_POLICIES, CONTINUOUS_POLICIES))
     tab = table([r.summary for r in rows])
-    comparison, ratios = compare_with_real(rows, RESULTS / "real_stack.json")
+    realized = realized_runs(reqs, a.rate, ctx, RESULTS / "real_stack.json", ctx.cost)
+    engine_only = (realized_runs(reqs, a.rate, ctx, RESULTS / "real_stack.json", ctx.fit.model)
+                   if ctx.slowdown != 1.0 else realized)
+    comparison, ratios = compare_with_real(rows, RESULTS / "real_stack.json", realized,
+                                           engine_only)
     print("\n" + tab + "\n" + comparison)
-    plot_cdf(rows, "real-stack default (sim)", IMG / "sim_cdf_real_default.png")
+    plot_cdf([r.summary for r in rows], [r.response_s for r in rows], "real-stack default (sim)",
+             IMG / "sim_cdf_real_default.png")
     _save("sim_real_default.json", ctx, rows, {"requests": len(reqs), "rate": a.rate,
                                                "same_selection_as_real_stack": same,
-                                               "comparison": ratios})
+                                               "comparison": ratios,
+                                               "stack_slowdown": ctx.slowdown})
     ctx.sections["real"] = (tab + "\n" + _extras(rows) + "\nSide by side with the real stack:\n\n"
                             + comparison)
+
+
+def realized_runs(requests: Sequence[SimRequest], rate: float, ctx: Context,
+                  real_path: Path, cost: EngineCostModel) -> list[Row]:
+    """For every run of `real_path` at `rate`, its policy simulated on the lengths that run
+    generated: the simulator judged on its engine and policy model, not on sampling noise."""
+    if not real_path.exists():
+        return []
+    out: list[Row] = []
+    for real_row in json.loads(real_path.read_text())["rows"]:
+        if real_row["rate_per_s"] != rate:
+            continue
+        reqs = realized_workload(requests, real_row)
+        if reqs is None:
+            continue
+        print(f"realized lengths of the real {real_row['policy']} ({real_row['mode']}) run:")
+        out += run_all(reqs, rate, 1, cost, ctx.predictor, ctx.overheads,
+                       [(real_row["mode"], [real_row["policy"]])])
+    return out
+
+
+def fit_stack_slowdown(ctx: Context, real_path: Path, policy: str = "fcfs-fixed",
+                       mode: str = "static") -> float | None:
+    """The factor by which the engine runs slower inside the whole stack than alone (where it
+    was profiled): the predictor's embeddings, ingress, the scheduler and the worker's streaming
+    share the CPU with it. Fitted on ONE real run (fcfs-fixed, static: no predictions involved),
+    by bisection, so that the simulation of that run's realized lengths has its throughput; the
+    other runs then test the simulator. None when there is no such run."""
+    if not real_path.exists():
+        return None
+    a = ctx.args
+    reqs = real_stack_workload(ctx.data, a.requests, a.seed, a.rate, a.max_tokens)
+    rows = [r for r in json.loads(real_path.read_text())["rows"]
+            if (r["policy"], r["mode"], r["rate_per_s"]) == (policy, mode, a.rate)]
+    realized = realized_workload(reqs, rows[0]) if rows else None
+    if realized is None:
+        return None
+    target = float(rows[0]["request_throughput"])
+
+    def throughput(factor: float) -> float:
+        config = SimConfig(PolicyConfig(name=policy, engine_mode=mode),  # type: ignore[arg-type]
+                           gpus=1, kv_budget_tokens=KV_BUDGET,
+                           predict_latency_s=ctx.overheads[0],
+                           dispatch_overhead_s=ctx.overheads[1])
+        result = simulate(realized, config, ctx.fit.model.scaled(factor), ctx.predictor)
+        return result.summary(a.rate).request_throughput
+
+    lo, hi = 0.25, 8.0  # throughput falls as the factor grows
+    for _ in range(30):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if throughput(mid) > target else (lo, mid)
+    return math.sqrt(lo * hi)
 
 
 def part_sweep(ctx: Context) -> None:
@@ -315,11 +358,13 @@ def part_sweep(ctx: Context) -> None:
     for rate in [float(x) for x in a.sweep_rates.split(",")]:
         reqs = sampled_workload(ctx.data, a.sweep_requests, a.seed, rate, a.max_tokens)
         print(f"\n## load sweep: {len(reqs)} requests, {rate}/s, 1 GPU")
-        rows += run_all(reqs, rate, 1, ctx.fit.model, ctx.predictor, ctx.overheads,
+        rows += run_all(reqs, rate, 1, ctx.cost, ctx.predictor, ctx.overheads,
                         modes_for(STATIC_POLICIES, CONTINUOUS_POLICIES))
     tab = table([r.summary for r in rows])
     print("\n" + tab)
-    plot_sweep(rows, IMG / "sim_load_sweep.png")
+    plot_vs_rate([r.summary for r in rows],
+                 "Simulated load sweep, 1 GPU (CPU-calibrated cost model)",
+                 IMG / "sim_load_sweep.png")
     _save("sim_load_sweep.json", ctx, rows, {"requests": a.sweep_requests,
                                              "rates": a.sweep_rates})
     ctx.sections["sweep"] = tab + "\n" + _extras(rows)
@@ -333,10 +378,11 @@ def part_scale(ctx: Context) -> None:
         n, rate = a.scale_requests_per_gpu * gpus, a.rate * gpus
         reqs = sampled_workload(ctx.data, n, a.seed, rate, a.max_tokens)
         print(f"\n## scale: {gpus} GPUs, {n} requests, {rate}/s")
-        these = run_all(reqs, rate, gpus, ctx.fit.model, ctx.predictor, ctx.overheads,
+        these = run_all(reqs, rate, gpus, ctx.cost, ctx.predictor, ctx.overheads,
                         modes_for(STATIC_POLICIES, CONTINUOUS_POLICIES))
         heads[str(gpus)] = headline(these)
-        plot_cdf(these, f"{gpus} GPUs (sim)", IMG / f"sim_cdf_{gpus}gpu.png")
+        plot_cdf([r.summary for r in these], [r.response_s for r in these], f"{gpus} GPUs (sim)",
+                 IMG / f"sim_cdf_{gpus}gpu.png")
         rows += these
     tab = table([r.summary for r in rows])
     print("\n" + tab + "\n" + json.dumps(heads, indent=2))
@@ -369,6 +415,7 @@ def _save(name: str, ctx: Context, rows: Sequence[Row], extra: dict[str, Any]) -
     payload = {"dataset": str(ctx.data.path.relative_to(REPO_ROOT)),
                "cost_model": ctx.fit.as_dict(), "args": {k: str(v) for k, v in
                                                          vars(ctx.args).items()},
+               "stack_slowdown": ctx.slowdown,
                "overheads": {"predict_latency_s": ctx.overheads[0],
                              "dispatch_overhead_s": ctx.overheads[1]},
                **extra, "rows": [r.as_dict() for r in rows]}
@@ -394,12 +441,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--predict-latency", type=float, default=0.05)
     parser.add_argument("--dispatch-overhead", type=float, default=0.03)
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/simulator.md")
+    parser.add_argument("--stack-slowdown", default="auto",
+                        help="'auto': fit it on results/real_stack.json's fcfs-fixed run "
+                             "(1.0 without one); or a number; 1.0: the engine profile alone")
     args = parser.parse_args(argv)
     data = load_dataset()
     fit = load_fit(args.cost_profile, args.cost_stat)
     print(f"dataset {data.path.name}: {len(data.rows)} rows; cost model {fit.model}")
     ctx = Context(args, data, fit_predictor(data, args.max_tokens), fit,
                   (args.predict_latency, args.dispatch_overhead), {})
+    if args.stack_slowdown == "auto":
+        ctx.slowdown = fit_stack_slowdown(ctx, RESULTS / "real_stack.json") or 1.0
+    else:
+        ctx.slowdown = float(args.stack_slowdown)
+    print(f"stack slowdown: {ctx.slowdown:.3f} (engine step times x this)")
     parts = {"real": part_real, "sweep": part_sweep, "scale": part_scale}
     for part in args.parts.split(","):
         parts[part](ctx)

@@ -3,6 +3,7 @@
     magnus run                 the whole stack on this machine until Ctrl-C
     magnus model smollm2|tiny  prepare a model folder (offline)
     magnus workload build      rebuild data/workload from ../shared/data
+    magnus bench [...]         the benchmarks (`magnus bench help`; run from the repository)
 """
 
 from __future__ import annotations
@@ -66,13 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    commands = {"run", "model", "workload"}
+    commands = {"run", "model", "workload", "bench"}
     if not argv or argv[0] not in commands:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "run":
         return run(rest)
+    if cmd == "bench":
+        # bench/ is a folder of scripts beside the package, importable from the repository root.
+        from bench.__main__ import main as bench_main
+
+        return bench_main(rest)
     if cmd == "model":
         from services.engine.model import main as model_main
 

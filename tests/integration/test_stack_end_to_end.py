@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
+import csv
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,6 +18,7 @@ import redis
 from services.engine.model import SMOLLM2_DIR
 from services.launcher import Stack
 from shared import keys
+from shared.settings import REPO_ROOT
 from tests.conftest import StackFactory
 
 pytestmark = [pytest.mark.integration, pytest.mark.engine]
@@ -101,3 +107,46 @@ def test_openai_compatible_chat_completion(stack: Stack) -> None:
     body = resp.json()
     assert body["choices"][0]["message"]["content"].strip()
     assert 1 <= body["usage"]["completion_tokens"] <= 16
+
+
+def test_bench_replay_measures_every_request(stack: Stack) -> None:
+    """The benchmark harness's replay and metrics on the real stack: the same code
+    `python -m bench` runs, on four profiled test-split requests."""
+    from bench.metrics import summarise
+    from bench.real_stack import replay, workload
+    from services.workload.arrivals import poisson_arrivals
+
+    reqs = workload(4, seed=1, max_tokens=24)
+    assert len(reqs) == 4 and all(1 <= r["true_output_tokens"] <= 24 for r in reqs)
+    outcomes = asyncio.run(replay(stack.ingress_url, reqs, poisson_arrivals(4.0, 4, seed=1),
+                                  timeout_s=240))
+    assert [o.status for o in outcomes] == ["completed"] * 4, outcomes
+    for o in outcomes:
+        assert o.finished_at is not None and o.first_token_at is not None
+        assert o.arrived_at <= o.first_token_at <= o.finished_at
+        assert 1 <= o.generated_tokens <= 24 and o.predicted_tokens is not None
+    summary = summarise("fcfs-fixed", "static", 4.0, outcomes, wasted_tokens=0)
+    assert summary.completed == 4 and summary.request_throughput > 0
+    assert 0 < summary.p50_response_s <= summary.p99_response_s
+    assert summary.predictor_mae is not None and summary.mean_ttft_s is not None
+
+
+def test_locust_headless_reports_end_to_end_latency(stack: Stack, tmp_path: Path) -> None:
+    """loadtest/locustfile.py, headless against the stack: both user classes run, every
+    request they submit completes, and the end-to-end rows carry latency percentiles."""
+    csv_prefix = tmp_path / "locust"
+    proc = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(REPO_ROOT / "loadtest" / "locustfile.py"),
+         "--headless", "-H", stack.ingress_url, "-u", "3", "-r", "3", "-t", "25s",
+         "--stop-timeout", "120", "--max-tokens", "16", "--trace-rate", "0.5",
+         "--trace-requests", "4", "--csv", str(csv_prefix), "--only-summary"],
+        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(f"{csv_prefix}_stats.csv") as f:
+        rows = {r["Name"]: r for r in csv.DictReader(f)}
+    done = rows["request complete"]
+    # At least the trace user's four requests, plus the closed-loop users' ones.
+    assert int(done["Request Count"]) >= 4 and int(done["Failure Count"]) == 0, done
+    assert 0 < float(done["50%"]) <= float(done["99%"])
+    assert int(rows["first token"]["Request Count"]) >= 4
+    assert int(rows["submit"]["Failure Count"]) == 0

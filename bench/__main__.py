@@ -1,0 +1,62 @@
+"""`python -m bench` (`make bench`): the one-command benchmark.
+
+    python -m bench                 default: the real-stack table (every policy, both engine
+                                    modes, 60 test-split requests at 2 req/s; about 20 min on
+                                    2 cores), the simulator on the same configuration beside it,
+                                    then docs/benchmarks.md's tables
+    python -m bench real [ARGS]     only the real stack (bench/real_stack.py's options)
+    python -m bench sweep [ARGS]    the real-stack load sweep: 40 requests at 0.5, 1 and 2 req/s,
+                                    fcfs-fixed and magnus (static), continuous-fcfs and magnus
+                                    (continuous); writes results/real_sweep.json
+    python -m bench sim [ARGS]      the simulator: real configuration, 1-GPU sweep, 8 and 64 GPUs
+                                    (bench/sim_run.py's options)
+    python -m bench profile-engine  measure the engine's step times for the cost model
+    python -m bench report          rewrite docs/benchmarks.md's tables from results/
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from shared.settings import REPO_ROOT
+
+SWEEP_ARGS = ["--requests", "40", "--rates", "0.5,1.0,2.0",
+              "--static-policies", "fcfs-fixed,magnus",
+              "--continuous-policies", "continuous-fcfs,magnus",
+              "--out", str(REPO_ROOT / "results" / "real_sweep.json"), "--plot-prefix", "real_load"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    cmd, rest = (argv[0], argv[1:]) if argv and not argv[0].startswith("-") else ("all", argv)
+    if cmd in ("-h", "--help", "help"):
+        print(__doc__)
+        return 0
+    from bench import engine_profile, real_stack, report, sim_run
+
+    if cmd == "real":
+        return real_stack.main(rest)
+    if cmd == "sweep":
+        return real_stack.main(SWEEP_ARGS + rest)
+    if cmd == "sim":
+        return sim_run.main(rest)
+    if cmd == "profile-engine":
+        return engine_profile.main(rest)
+    if cmd == "report":
+        return report.main(rest)
+    if cmd != "all":
+        print(__doc__)
+        return 2
+    started = time.monotonic()
+    code = real_stack.main(rest)
+    if code == 0:
+        code = sim_run.main(["--parts", "real"])
+    if code == 0:
+        code = report.main([])
+    print(f"bench: {(time.monotonic() - started) / 60:.1f} min in all")
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

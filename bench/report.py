@@ -1,0 +1,192 @@
+"""docs/benchmarks.md's generated blocks, from the results the benchmark commands wrote.
+
+Reads results/real_stack.json (the default real-stack run), and when they exist
+results/real_sweep.json (the real load sweep), results/sim_real_default.json (the simulator on
+the same configuration) and results/sim_scale.json (8 and 64 simulated GPUs). Every figure in the
+blocks is computed here from those files; the prose around the blocks is hand-written.
+
+    python -m bench.report [--doc docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.metrics import RunSummary, table
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS = REPO_ROOT / "results"
+DOC = REPO_ROOT / "docs" / "benchmarks.md"
+_SUMMARY_FIELDS = set(RunSummary.__dataclass_fields__)
+
+Rows = Sequence[dict[str, Any]]
+
+
+def summaries(rows: Rows) -> list[RunSummary]:
+    return [RunSummary(**{k: v for k, v in r.items() if k in _SUMMARY_FIELDS}) for r in rows]
+
+
+def pick(rows: Rows, policy: str, mode: str, rate: float | None = None) -> dict[str, Any] | None:
+    """The row of (policy, mode), at `rate` or else the highest rate run."""
+    match = [r for r in rows if r["policy"] == policy and r["mode"] == mode
+             and (rate is None or r["rate_per_s"] == rate)]
+    return max(match, key=lambda r: r["rate_per_s"]) if match else None
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    numerator: tuple[str, str]  # (policy, mode)
+    denominator: tuple[str, str]
+    metric: str  # a RunSummary field
+    bound: float
+    at_least: bool  # True: ratio >= bound is met; False: ratio <= bound is met
+
+    def ratio(self, rows: Rows) -> float | None:
+        a, b = pick(rows, *self.numerator), pick(rows, *self.denominator)
+        if a is None or b is None or not b[self.metric]:
+            return None
+        return float(a[self.metric]) / float(b[self.metric])
+
+    def met(self, ratio: float | None) -> str:
+        if ratio is None:
+            return "not run"
+        ok = ratio >= self.bound if self.at_least else ratio <= self.bound
+        return "met" if ok else "NOT met"
+
+    @property
+    def wanted(self) -> str:
+        return f"{'>=' if self.at_least else '<='} {self.bound:g}"
+
+
+TARGETS = [
+    Target("static: magnus / fcfs-fixed request throughput", ("magnus", "static"),
+           ("fcfs-fixed", "static"), "request_throughput", 3.3, True),
+    Target("static: magnus / fcfs-fixed mean response time", ("magnus", "static"),
+           ("fcfs-fixed", "static"), "mean_response_s", 0.10, False),
+    Target("continuous: magnus / continuous-fcfs mean response time", ("magnus", "continuous"),
+           ("continuous-fcfs", "continuous"), "mean_response_s", 0.35, False),
+    Target("continuous: magnus / continuous-fcfs request throughput", ("magnus", "continuous"),
+           ("continuous-fcfs", "continuous"), "request_throughput", 1.0, True),
+    Target("continuous: magnus / continuous-fcfs p99 response time", ("magnus", "continuous"),
+           ("continuous-fcfs", "continuous"), "p99_response_s", 1.2, False),
+    Target("static: magnus / magnus-oracle request throughput", ("magnus", "static"),
+           ("magnus-oracle", "static"), "request_throughput", 0.9, True),
+    Target("static: magnus / magnus-oracle mean response time", ("magnus", "static"),
+           ("magnus-oracle", "static"), "mean_response_s", 1.1, False),
+    Target("continuous: magnus / magnus-oracle request throughput", ("magnus", "continuous"),
+           ("magnus-oracle", "continuous"), "request_throughput", 0.9, True),
+    Target("continuous: magnus / magnus-oracle mean response time", ("magnus", "continuous"),
+           ("magnus-oracle", "continuous"), "mean_response_s", 1.1, False),
+]
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _sim_scale_rows(scale: dict[str, Any], gpus: int) -> list[dict[str, Any]]:
+    return [r for r in scale["rows"] if r["gpus"] == gpus]
+
+
+def targets_block(real: dict[str, Any], scale: dict[str, Any] | None) -> str:
+    columns: list[tuple[str, Rows]] = [("real stack, 1 engine", real["rows"])]
+    if scale is not None:
+        for gpus in sorted({int(r["gpus"]) for r in scale["rows"]}):
+            columns.append((f"sim, {gpus} GPUs", _sim_scale_rows(scale, gpus)))
+    head = "| target | wanted | " + " | ".join(c for c, _ in columns) + " |"
+    lines = [head, "|---|---|" + "---|" * len(columns)]
+    for t in TARGETS:
+        cells = []
+        for _, rows in columns:
+            ratio = t.ratio(rows)
+            cells.append("-" if ratio is None else f"{ratio:.2f} ({t.met(ratio)})")
+        lines.append(f"| {t.name} | {t.wanted} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def real_block(real: dict[str, Any]) -> str:
+    args = real["args"]
+    info = (f"{args['requests']} requests, {args['arrivals']} arrivals at {args['rates']}/s, "
+            f"max_tokens {args['max_tokens']}, fixed batch {args['batch_size']}, seed "
+            f"{args['seed']}; {real['machine']['cpus']} CPUs, vllm {real['machine']['vllm']}; "
+            f"finished {real['finished_at']}, wall time {real['wall_s'] / 60:.1f} min.\n\n")
+    return info + table(summaries(real["rows"]))
+
+
+def validation_block(sim: dict[str, Any] | None, real: dict[str, Any]) -> str:
+    if sim is None or not sim.get("comparison"):
+        return "(no results/sim_real_default.json compared with this run: run `python -m bench`)\n"
+    rows = sim["comparison"]
+    ok = sum(1 for r in rows if r["within_15pct"])
+
+    def cell(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    lines = ["| policy | mode | sim / real throughput | sim / real mean response | within 15% | "
+             "engine profile alone: throughput | mean response |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['policy']} | {r['mode']} | {r['throughput_ratio']:.2f} | "
+              f"{r['mean_response_ratio']:.2f} | {'yes' if r['within_15pct'] else 'no'} | "
+              f"{cell(r.get('engine_only_throughput_ratio'))} | "
+              f"{cell(r.get('engine_only_mean_response_ratio'))} |" for r in rows]
+    judged = {r.get("lengths", "profiled") for r in rows}
+    return (f"Stack slowdown {sim.get('stack_slowdown', 1.0):.2f} (fitted on the fcfs-fixed run's "
+            "throughput alone).\n\n" + "\n".join(lines)
+            + f"\n\n{ok} of {len(rows)} runs within 15% on both measures (judged on "
+            f"{' and '.join(sorted(judged))} lengths).\n")
+
+
+def sweep_block(sweep: dict[str, Any] | None) -> str:
+    if sweep is None:
+        return "(not run yet: `make bench-sweep` writes results/real_sweep.json)\n"
+    args = sweep["args"]
+    return (f"{args['requests']} requests per run, {args['arrivals']} arrivals; finished "
+            f"{sweep['finished_at']}, wall time {sweep['wall_s'] / 60:.1f} min.\n\n"
+            + table(summaries(sweep["rows"])))
+
+
+def update(doc: Path, blocks: dict[str, str]) -> None:
+    """Replace each `<!-- bench:NAME -->` ... `<!-- /bench:NAME -->` block's body."""
+    text = doc.read_text()
+    for name, body in blocks.items():
+        start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+        if start not in text or end not in text:
+            raise ValueError(f"{doc} has no {start} ... {end} block")
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{start}\n{body.rstrip()}\n{end}{tail}"
+    doc.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--doc", type=Path, default=DOC)
+    args = parser.parse_args(argv)
+    real = _load("real_stack.json")
+    if real is None:
+        print("no results/real_stack.json: run `python -m bench real` first")
+        return 1
+    scale, sim_real, sweep = (_load("sim_scale.json"), _load("sim_real_default.json"),
+                              _load("real_sweep.json"))
+    blocks: dict[str, Callable[[], str]] = {
+        "real": lambda: real_block(real),
+        "targets": lambda: targets_block(real, scale),
+        "validation": lambda: validation_block(sim_real, real),
+        "sweep": lambda: sweep_block(sweep),
+    }
+    rendered = {name: make() for name, make in blocks.items()}
+    print(rendered["real"] + "\n" + rendered["targets"])
+    update(args.doc, rendered)
+    print(f"updated {args.doc.relative_to(REPO_ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
