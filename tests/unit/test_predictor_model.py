@@ -197,3 +197,16 @@ def test_absolute_objective_and_user_history_fit() -> None:
     p = LengthPredictor(m, fallback_ladder([], 1), FakeEmbedder())
     (long_p, _, _), (short_p, _, _) = p.predict_batch([row("long"), row("short")])
     assert long_p > 3 * short_p
+
+
+def test_a_continuation_deep_in_the_tail_still_gets_a_run_of_half_its_tokens_so_far() -> None:
+    # A narrow prediction (median 10, p90 11) outrun by far: without the floor, 1-token runs.
+    for so_far in (40, 300, 10_000):
+        _, upper = remaining_given(10, 11, so_far)
+        assert upper >= so_far / 2
+    # Runs needed to reach 512 tokens from a first run of 11: geometric, not one per token.
+    generated, runs = 11, 1
+    while generated < 512:
+        generated += int(remaining_given(10, 11, generated)[1])
+        runs += 1
+    assert runs <= 12
