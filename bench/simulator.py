@@ -424,7 +424,10 @@ class SimResult:
 
     @property
     def wasted_tokens(self) -> int:
-        """As bench/real_stack.py counts it: per batch, size x longest run - tokens generated."""
+        """As bench/real_stack.py counts it: per static batch, size x longest run - tokens
+        generated; none in continuous mode, where members leave the engine as they finish."""
+        if self.config.mode != "static":
+            return 0
         return sum(b.size * b.max_generated_tokens - b.total_generated_tokens
                    for b in self.batches)
 

@@ -45,7 +45,7 @@ def _beat(r: redis.Redis, gpu: int) -> None:
 
 def _scheduler(redis_url: str, r: redis.Redis, celery: RecordingCelery, name: str) -> Scheduler:
     settings = SchedulerSettings(redis_url=redis_url, batch_size=8, leader_ttl_s=0.5)
-    return Scheduler(r, celery, settings, instance_id=name)  # type: ignore[arg-type]
+    return Scheduler(r, celery, settings, instance_id=name)
 
 
 def test_standby_takes_over_rebuilds_and_dispatches_each_request_once(

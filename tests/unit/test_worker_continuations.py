@@ -15,7 +15,7 @@ def _req(**kw: object) -> QueuedRequest:
 
 def _res(text: str, generated: int, reason: str) -> RequestResult:
     return RequestResult(request_id="r", batch_id="b", gpu=0, text=text, input_tokens=20,
-                         generated_tokens=generated, finish_reason=reason,  # type: ignore[arg-type]
+                         generated_tokens=generated, finish_reason=reason,
                          started_at=0, finished_at=1)
 
 
