@@ -8,6 +8,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+# The policies both benchmarks (real stack, simulator) compare, per engine mode.
+STATIC_POLICIES = ["fcfs-fixed", "sjf-predicted", "magnus", "magnus-oracle", "magnus-no-hrrn",
+                   "magnus-fixed-batch"]
+CONTINUOUS_POLICIES = ["continuous-fcfs", "magnus", "magnus-oracle"]
+
 
 @dataclass(frozen=True)
 class Outcome:

