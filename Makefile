@@ -6,10 +6,10 @@ setup:
 	@bash scripts/setup.sh
 
 model: setup
-	@$(PY) -m services.engine.model smollm2 >/dev/null
+	@$(PY) -m offline.model smollm2 >/dev/null
 
 run: model
-	@$(PY) -m services.cli run
+	@$(PY) -m offline.cli run
 
 test: model
 	@$(PY) -m pytest
@@ -33,8 +33,8 @@ loadtest: setup
 		-u 7 -r 2 -t 2m --trace-rate 0.5 --csv results/locust --only-summary
 
 lint: setup
-	@$(PY) -m ruff check shared services tests bench loadtest
-	@$(PY) -m mypy shared services tests bench
+	@$(PY) -m ruff check shared services offline tests bench loadtest
+	@$(PY) -m mypy shared services offline tests bench
 
 clean:
 	rm -rf run .pytest_cache .mypy_cache .ruff_cache

@@ -46,19 +46,19 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from services.predictor import report
-    from services.predictor.dataset import PredictRow
+    from offline.predictor import report
+    from offline.predictor.train import CACHE_ARTIFACT, COMMITTED_ARTIFACT
+    from offline.workload.catalog import load_apps, load_records
     from services.predictor.features import EmbeddingCache, SentenceEmbedder
     from services.predictor.model import LengthPredictor, fallback_ladder, load_artifact
-    from services.predictor.train import CACHE_ARTIFACT, COMMITTED_ARTIFACT
-    from services.workload.catalog import load_apps, load_records
+    from services.predictor.rows import PredictRow
 
     if args.threads:
         torch.set_num_threads(args.threads)
     path = args.artifact or next((p for p in (CACHE_ARTIFACT, COMMITTED_ARTIFACT) if p.exists()),
                                  None)
     if path is None:
-        print("no artifact: run `python -m services.predictor.train` first", file=sys.stderr)
+        print("no artifact: run `python -m offline.predictor.train` first", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     model = load_artifact(path, threads=max(1, torch.get_num_threads()))

@@ -37,11 +37,11 @@ from bench.metrics import (
     table,
 )
 from bench.plots import plot_cdf, plot_vs_rate, response_times
-from services.launcher import Stack, free_port
-from services.workload.analysis import load_profile
-from services.workload.arrivals import azure_trace_arrivals, poisson_arrivals
-from services.workload.catalog import load_apps, load_records
-from services.workload.profile import DEFAULT_OUT as PROFILE
+from offline.launcher import Stack, free_port
+from offline.workload.analysis import load_profile
+from offline.workload.arrivals import azure_trace_arrivals, poisson_arrivals
+from offline.workload.catalog import load_apps, load_records
+from offline.workload.profile import DEFAULT_OUT as PROFILE
 from shared import keys
 from shared.schemas import CompletedEvent
 from shared.settings import REPO_ROOT, LauncherSettings

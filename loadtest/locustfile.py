@@ -35,8 +35,8 @@ from locust.exception import StopUser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.workload.arrivals import azure_trace_arrivals, poisson_arrivals
-from services.workload.catalog import load_apps, load_records
+from offline.workload.arrivals import azure_trace_arrivals, poisson_arrivals
+from offline.workload.catalog import load_apps, load_records
 
 FINAL = {"completed", "failed", "cancelled"}
 _POOL: list[dict[str, Any]] = []

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 import pytest
 import redis
 
-from services.launcher import free_port, redis_server_binary
+from offline.launcher import free_port, redis_server_binary
 
 if TYPE_CHECKING:
-    from services.launcher import Stack
+    from offline.launcher import Stack
 
 StackFactory = Callable[..., "Stack"]
 
@@ -63,7 +63,7 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 def stack_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackFactory]:
     """Starts whole stacks (Redis, engines, workers, predictor, scheduler, ingress) on free ports;
     stops every one at the end of the session and checks no process of theirs is left."""
-    from services.launcher import Stack
+    from offline.launcher import Stack
     from shared.settings import LauncherSettings
 
     started: list[Stack] = []

@@ -24,7 +24,6 @@ from typing import Any
 
 import redis
 
-from services.predictor.dataset import Example, PredictRow
 from services.predictor.features import Embedder, EmbedderConfig
 from services.predictor.linear import LengthSample, LinearLengthModel
 from services.predictor.model import (
@@ -37,6 +36,7 @@ from services.predictor.model import (
     save_artifact,
 )
 from services.predictor.pipeline import Caches, retrain
+from services.predictor.rows import Example, PredictRow
 from shared import keys, state
 from shared.lifecycle import start_service
 from shared.redis_conn import connect

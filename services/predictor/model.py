@@ -25,7 +25,6 @@ import numpy.typing as npt
 import xgboost as xgb
 from scipy.special import ndtr, ndtri
 
-from services.predictor.dataset import Example, PredictRow
 from services.predictor.features import (
     STAT_NAMES,
     AppNeighbours,
@@ -44,6 +43,7 @@ from services.predictor.features import (
     out_of_fold_history,
 )
 from services.predictor.linear import LengthSample, LinearLengthModel
+from services.predictor.rows import Example, PredictRow
 from shared.schemas import PredictorSource
 
 ARTIFACT_FORMAT = 1

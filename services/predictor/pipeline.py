@@ -11,7 +11,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from services.predictor.dataset import Example
 from services.predictor.features import (
     Embedder,
     EmbeddingCache,
@@ -27,6 +26,7 @@ from services.predictor.model import (
     fit_model,
     holdout_mask,
 )
+from services.predictor.rows import Example
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from services.engine.model import SMOLLM2_DIR
+from offline.model import SMOLLM2_DIR
 from services.ingress.app import create_app
 from shared import keys
 from shared.settings import IngressSettings

@@ -10,8 +10,8 @@ import httpx
 import pytest
 import redis
 
-from services.engine.model import build_tiny
-from services.launcher import Stack
+from offline.launcher import Stack
+from offline.model import build_tiny
 from shared import keys
 from tests.conftest import StackFactory
 from tests.integration.test_stack_end_to_end import poll_until_final

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import redis
 
-from services.engine.model import SMOLLM2_DIR
-from services.launcher import Stack
+from offline.launcher import Stack
+from offline.model import SMOLLM2_DIR
 from shared import keys
 from shared.settings import REPO_ROOT
 from tests.conftest import StackFactory
@@ -114,7 +114,7 @@ def test_bench_replay_measures_every_request(stack: Stack) -> None:
     `python -m bench` runs, on four profiled test-split requests."""
     from bench.metrics import summarise
     from bench.real_stack import replay, workload
-    from services.workload.arrivals import poisson_arrivals
+    from offline.workload.arrivals import poisson_arrivals
 
     reqs = workload(4, seed=1, max_tokens=24)
     assert len(reqs) == 4 and all(1 <= r["true_output_tokens"] <= 24 for r in reqs)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from services.predictor.baselines import (
+from offline.predictor.baselines import (
     LinearBaseline,
     MeanBaseline,
     calibrated_upper,

@@ -13,7 +13,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.predictor.dataset import Example, PredictRow
 from services.predictor.features import EMBEDDING_DIM, EmbedderConfig, F32Array
 from services.predictor.linear import LengthSample
 from services.predictor.model import (
@@ -28,6 +27,7 @@ from services.predictor.model import (
     save_artifact,
 )
 from services.predictor.pipeline import Caches, embed_examples, fit_projections, labeled
+from services.predictor.rows import Example, PredictRow
 from shared.schemas import PredictorSource
 
 TINY = ModelConfig(app_dims=4, user_dims=4, n_estimators=60, max_depth=3, threads=1,

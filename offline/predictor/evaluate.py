@@ -1,8 +1,8 @@
 """Evaluate the predictor and its baselines on the test split (seen apps) and held-out apps.
 
-    python -m services.predictor.evaluate [--profile PATH] [--write-artifact]
+    python -m offline.predictor.evaluate [--profile PATH] [--write-artifact]
 
-Trains on train, selects and calibrates on val (exactly as `services.predictor.train`), then
+Trains on train, selects and calibrates on val (exactly as `offline.predictor.train`), then
 reports MAE, median absolute error, Kendall tau, Acc-50 and p90 coverage per app family and
 overall for every model; prints the tables, writes results/predictor_eval.json and renders
 docs/predictor.md.
@@ -21,25 +21,24 @@ from typing import Any
 
 import numpy as np
 
-from services.predictor import report
-from services.predictor.baselines import (
+from offline.predictor import report
+from offline.predictor.baselines import (
     LinearBaseline,
     MeanBaseline,
-    Metrics,
     calibrated_upper,
     clamp_arrays,
     fit_forest,
     metrics,
 )
-from services.predictor.dataset import default_profile_path, load_examples
+from offline.predictor.dataset import default_profile_path, load_examples
+from offline.predictor.report import MODELS, table_lines
+from offline.predictor.train import Built, build, write_artifact
+from offline.workload.catalog import FAMILIES
 from services.predictor.features import FloatArray
 from services.predictor.model import LabeledSet, training_matrix
-from services.predictor.train import Built, build, write_artifact
-from services.workload.catalog import FAMILIES
 from shared.settings import REPO_ROOT
 
 log = logging.getLogger("magnus.predictor.evaluate")
-MODELS = ("xgboost", "random-forest", "per-app-linear", "per-app-mean", "global-mean")
 Predictor = Callable[[LabeledSet], FloatArray]
 
 
@@ -114,30 +113,6 @@ def _seq_length_row(b: Built) -> dict[str, Any]:
         out[f"{split}_mae"] = float(np.mean(np.abs(np.clip(np.round(point), 1, None)
                                                    - s.generated))) if len(s) else float("nan")
     return out
-
-
-def _fmt(v: float, pct: bool = False) -> str:
-    if v != v:  # NaN
-        return "-"
-    return f"{100 * v:.1f}%" if pct else f"{v:.3f}" if abs(v) < 1 else f"{v:.1f}"
-
-
-def table_lines(split_table: dict[str, dict[str, dict[str, Any]]], groups: list[str]
-                ) -> list[str]:
-    head = "| family | model | n | MAE | median AE | Kendall tau | Acc-50 | p90 coverage |" \
-           " mean pred (cap / no cap) |"
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for g in groups:
-        for name in MODELS:
-            r = split_table[name].get(g)
-            if r is None:
-                continue
-            mt = Metrics(**r)
-            lines.append(
-                f"| {g} | {name} | {mt.n} | {_fmt(mt.mae)} | {_fmt(mt.median_ae)} | "
-                f"{_fmt(mt.kendall_tau)} | {_fmt(mt.acc50, True)} | {_fmt(mt.p90_coverage, True)}"
-                f" | {_fmt(mt.mean_pred_capped)} / {_fmt(mt.mean_pred_uncapped)} |")
-    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

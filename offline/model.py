@@ -5,8 +5,8 @@
 - A tiny random-weight Llama with SmolLM2's tokenizer and chat template stands in for tests that
   need only the engine's mechanics: it loads in seconds and generates fast.
 
-    python -m services.engine.model smollm2 [--out DIR]
-    python -m services.engine.model tiny [--out DIR]
+    python -m offline.model smollm2 [--out DIR]
+    python -m offline.model tiny [--out DIR]
 """
 
 from __future__ import annotations

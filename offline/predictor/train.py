@@ -1,6 +1,6 @@
 """Build the predictor artifact from the committed workload and the profiled lengths.
 
-    python -m services.predictor.train [--profile PATH] [--out PATH]
+    python -m offline.predictor.train [--profile PATH] [--out PATH]
 
 Fits on the train split, selects the point objective and user history and calibrates the p90 on
 the val split, and writes `.cache/predictor/predictor.npz`. When the artifact is under 2 MB it is
@@ -16,7 +16,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.predictor.dataset import Example, by_split, default_profile_path, load_examples
+from offline.predictor.dataset import (
+    by_split,
+    default_profile_path,
+    load_cache_file,
+    load_examples,
+    save_cache_file,
+)
 from services.predictor.features import EmbedderConfig, F32Array
 from services.predictor.model import FittedModel, LabeledSet, ModelConfig, save_artifact
 from services.predictor.pipeline import (
@@ -27,6 +33,7 @@ from services.predictor.pipeline import (
     labeled,
     select_and_fit,
 )
+from services.predictor.rows import Example
 from shared.settings import DEFAULT_CACHE_DIR, REPO_ROOT
 
 log = logging.getLogger("magnus.predictor.train")
@@ -56,7 +63,6 @@ def build(examples: list[Example], embedder_config: EmbedderConfig | None = None
           torch_threads: int = 1) -> Built:
     """Embed every split once (the offline commands keep vectors on disk between runs), fit the
     projections on train, then select and fit on train / val."""
-    from services.predictor.dataset import load_cache_file, save_cache_file
     from services.predictor.features import SentenceEmbedder
 
     embedder_config = embedder_config or EmbedderConfig()

@@ -3,7 +3,7 @@
 Reads the profiled dataset (data/profiles/*.jsonl.gz) and the workload's reference outputs, and
 writes docs/lengths.md with PNG plots under docs/img/ and a per-app CSV.
 
-    python -m services.workload.analysis [--profile PATH]
+    python -m offline.workload.analysis [--profile PATH]
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from scipy import stats
 
-from services.workload.catalog import load_apps, load_records
-from services.workload.profile import DEFAULT_OUT
+from offline.workload.catalog import load_apps, load_records
+from offline.workload.profile import DEFAULT_OUT
 from shared.settings import REPO_ROOT, MagnusSettings
 
 CORE_ORDER = ["grammar-jfleg", "detox-paradetox", "code-java-cs", "code-bugfix",
@@ -177,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
 The paper's key observation is that for many LLM-as-a-service apps the output length tracks the
 input length. This page measures it for the model Magnus serves here, on the profiled dataset
 `{args.profile.relative_to(REPO_ROOT) if args.profile.is_relative_to(REPO_ROOT) else args.profile}`
-({len(profile)} requests over {len(by_app)} apps; made by `python -m services.workload.profile`,
+({len(profile)} requests over {len(by_app)} apps; made by `python -m offline.workload.profile`,
 sampling {json.dumps(meta.get("sampling", {}))}, at most {meta.get("max_tokens", "?")} new tokens,
 the app instruction as the system turn). Regenerate this page with
-`python -m services.workload.analysis`.
+`python -m offline.workload.analysis`.
 
 Reference lengths are the workload's reference outputs counted with the same tokenizer.
 

@@ -9,7 +9,7 @@ import math
 import random
 from pathlib import Path
 
-from services.workload.catalog import ARRIVALS_FILE, DEFAULT_DIR
+from offline.workload.catalog import ARRIVALS_FILE, DEFAULT_DIR
 
 DEFAULT_TRACE = DEFAULT_DIR / ARRIVALS_FILE
 

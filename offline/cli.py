@@ -3,7 +3,7 @@
     magnus run                 the whole stack on this machine until Ctrl-C
     magnus model smollm2|tiny  prepare a model folder (offline)
     magnus workload build      rebuild data/workload from ../shared/data
-    magnus bench [...]         the benchmarks (`magnus bench help`; run from the repository)
+    magnus bench [...]         the benchmarks: `python -m bench` (run from the repository)
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from shared.settings import LauncherSettings
 
 
 def run(argv: list[str]) -> int:
-    from services.engine.model import SMOLLM2_DIR, convert_smollm2
-    from services.launcher import Stack
+    from offline.launcher import Stack
+    from offline.model import SMOLLM2_DIR, convert_smollm2
 
     parser = argparse.ArgumentParser(prog="magnus run")
     parser.add_argument("--gpus", type=int, help="engines to start (default MAGNUS_GPUS or 1)")
@@ -75,15 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "run":
         return run(rest)
     if cmd == "bench":
-        # bench/ is a folder of scripts beside the package, importable from the repository root.
-        from bench.__main__ import main as bench_main
+        # bench/ sits above offline/ (it imports offline, never the reverse), so it runs as its own
+        # command: `python -m bench`, from the repository root.
+        import subprocess
 
-        return bench_main(rest)
+        return subprocess.call([sys.executable, "-m", "bench", *rest])
     if cmd == "model":
-        from services.engine.model import main as model_main
+        from offline.model import main as model_main
 
         return model_main(rest)
-    from services.workload.build import main as build_main
+    from offline.workload.build import main as build_main
 
     if rest[:1] == ["build"]:
         rest = rest[1:]

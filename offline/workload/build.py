@@ -1,6 +1,6 @@
 """Build the committed workload (data/workload) from the third-party corpora in shared/data.
 
-Run ``python -m services.workload.build``. The output depends only on the input files and
+Run ``python -m offline.workload.build``. The output depends only on the input files and
 ``--seed``: every random choice uses a ``random.Random`` seeded from a string naming its purpose,
 files are read in sorted order and gzip headers carry no timestamp, so reruns are byte-identical.
 data/README.md documents the rules below (caps, users, splits, held-out apps).
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from services.workload.catalog import (
+from offline.workload.catalog import (
     APPS_FILE,
     ARRIVALS_FILE,
     FAMILIES,

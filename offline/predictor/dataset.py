@@ -1,7 +1,8 @@
-"""Rows the predictor reads, and the profiled training data joined to the committed workload.
+"""The profiled training data joined to the committed workload, and the on-disk embedding cache.
 
-Training data is the serving model's own generated lengths (`services.workload.profile`), joined to
-the workload by request id for the app instruction and the user input.
+Training data is the serving model's own generated lengths (`offline.workload.profile`), joined to
+the workload by request id for the app instruction and the user input. The row types themselves
+are the service's (`services/predictor/rows.py`).
 """
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ from __future__ import annotations
 import gzip
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from offline.workload.catalog import DEFAULT_DIR, load_apps, load_records
 from services.predictor.features import EmbeddingCache
-from services.workload.catalog import DEFAULT_DIR, load_apps, load_records
+from services.predictor.rows import Example
 from shared.settings import REPO_ROOT
 
 PROFILE_DIR = REPO_ROOT / "data" / "profiles"
@@ -23,34 +24,6 @@ PROFILE_FINAL = PROFILE_DIR / "smollm2-135m-instruct.jsonl.gz"
 PROFILE_PARTIAL = PROFILE_DIR / "smollm2-135m-instruct.partial.jsonl"
 # The cap the profile ran under (its .meta.json says so when present).
 PROFILE_MAX_TOKENS = 512
-
-
-@dataclass(frozen=True)
-class PredictRow:
-    """What the predictor sees of a request at serving time.
-
-    `input_tokens` is the original prompt's; a continuation (a run stopped at its predicted cap and
-    requeued) also says how many tokens it has generated so far, and is predicted its remaining
-    length within `max_tokens - generated_so_far`."""
-
-    app_id: str
-    user_id: str
-    instruction: str
-    input: str
-    input_tokens: int
-    max_tokens: int
-    generated_so_far: int = 0
-
-
-@dataclass(frozen=True, kw_only=True)
-class Example(PredictRow):
-    """A request with the length the serving model actually generated for it."""
-
-    request_id: str
-    generated_tokens: int
-    hit_cap: bool  # finish_reason == "length": the output ran into max_tokens
-    family: str = ""
-    split: str = ""
 
 
 def default_profile_path() -> Path:

@@ -5,7 +5,7 @@ Starts one engine (the launcher's code), sends a deterministic sample of every a
 the app's instruction as the system turn (the worker's chat template) and the service's sampling
 defaults, and appends one JSON line per request, so an interrupted run resumes where it stopped.
 
-    python -m services.workload.profile [--per-core-app 420] [--per-other-app 14] [--max-tokens 512]
+    python -m offline.workload.profile [--per-core-app 420] [--per-other-app 14] [--max-tokens 512]
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import httpx
 
+from offline.workload.catalog import DEFAULT_DIR, load_apps, load_records
 from services.engine import client as engine
-from services.workload.catalog import DEFAULT_DIR, load_apps, load_records
 from shared.schemas import SamplingParams
 from shared.settings import REPO_ROOT, LauncherSettings
 
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.finalize_only:
         todo = []
     elif engine_url is None:
-        from services.launcher import Stack
+        from offline.launcher import Stack
 
         run_dir = settings.cache_dir / "profile-run"
         stack = Stack(settings.model_copy(update={"run_dir": run_dir}))

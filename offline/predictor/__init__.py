@@ -1,0 +1,1 @@
+"""Building and evaluating the predictor artifact offline (the service is services/predictor)."""
