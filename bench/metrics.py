@@ -8,10 +8,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-# The policies both benchmarks (real stack, simulator) compare, per engine mode.
-STATIC_POLICIES = ["fcfs-fixed", "sjf-predicted", "magnus", "magnus-oracle", "magnus-no-hrrn",
-                   "magnus-fixed-batch"]
-CONTINUOUS_POLICIES = ["continuous-fcfs", "magnus", "magnus-oracle"]
+from services.scheduler.registry import policy_names
+
+# The policies both benchmarks (real stack, simulator) compare, per engine mode: the registry's
+# (a policy is benchmarked in the modes its entry names).
+STATIC_POLICIES = policy_names("static")
+CONTINUOUS_POLICIES = policy_names("continuous")
 
 
 @dataclass(frozen=True)

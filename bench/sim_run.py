@@ -34,11 +34,12 @@ from bench.cost_model import DEFAULT_PROFILE, CostModelFit, EngineCostModel, loa
 from bench.metrics import CONTINUOUS_POLICIES, STATIC_POLICIES, RunSummary, table
 from bench.plots import plot_cdf, plot_vs_rate
 from bench.simulator import AppMeanPredictor, SimConfig, SimRequest, SimResult, simulate
+from offline.workload.analysis import load_profile
+from offline.workload.arrivals import poisson_arrivals
+from offline.workload.catalog import load_records
+from offline.workload.profile import DEFAULT_OUT as PROFILE
+from services.scheduler.batching import EngineMode
 from services.scheduler.policy import PolicyConfig
-from services.workload.analysis import load_profile
-from services.workload.arrivals import poisson_arrivals
-from services.workload.catalog import load_records
-from services.workload.profile import DEFAULT_OUT as PROFILE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "results"
@@ -133,11 +134,11 @@ class Row:
 
 def run_all(requests: Sequence[SimRequest], rate: float, gpus: int, cost: EngineCostModel,
             predictor: AppMeanPredictor, overheads: tuple[float, float],
-            modes: Sequence[tuple[str, Sequence[str]]]) -> list[Row]:
+            modes: Sequence[tuple[EngineMode, Sequence[str]]]) -> list[Row]:
     rows: list[Row] = []
     for mode, policies in modes:
         for name in policies:
-            config = SimConfig(PolicyConfig(name=name, engine_mode=mode),  # type: ignore[arg-type]
+            config = SimConfig(PolicyConfig(name=name, engine_mode=mode),
                                gpus=gpus,
                                predict_latency_s=overheads[0], dispatch_overhead_s=overheads[1])
             t0 = time.perf_counter()
@@ -160,7 +161,7 @@ def _row(result: SimResult, rate: float, gpus: int, sim_s: float) -> Row:
 
 
 def modes_for(policies_static: Sequence[str], policies_cont: Sequence[str]
-              ) -> list[tuple[str, Sequence[str]]]:
+              ) -> list[tuple[EngineMode, Sequence[str]]]:
     return [("static", policies_static), ("continuous", policies_cont)]
 
 
@@ -317,7 +318,7 @@ def realized_runs(requests: Sequence[SimRequest], rate: float, ctx: Context,
 
 
 def fit_stack_slowdown(ctx: Context, real_path: Path, policy: str = "fcfs-fixed",
-                       mode: str = "static") -> float | None:
+                       mode: EngineMode = "static") -> float | None:
     """The factor by which the engine runs slower inside the whole stack than alone (where it
     was profiled): the predictor's embeddings, ingress, the scheduler and the worker's streaming
     share the CPU with it. Fitted on ONE real run (fcfs-fixed, static: no predictions involved),
@@ -335,7 +336,7 @@ def fit_stack_slowdown(ctx: Context, real_path: Path, policy: str = "fcfs-fixed"
     target = float(rows[0]["request_throughput"])
 
     def throughput(factor: float) -> float:
-        config = SimConfig(PolicyConfig(name=policy, engine_mode=mode),  # type: ignore[arg-type]
+        config = SimConfig(PolicyConfig(name=policy, engine_mode=mode),
                            gpus=1,
                            predict_latency_s=ctx.overheads[0],
                            dispatch_overhead_s=ctx.overheads[1])

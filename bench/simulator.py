@@ -1,13 +1,15 @@
 """A discrete-event simulator of Magnus: the real policy code, an engine made of a cost model.
 
 What is real and what is modelled:
-- Policy (real): the same `decide_batch` (static mode) and `admit_continuous` (continuous mode),
-  `token_cap`, `pool_for` and `ServiceTimeEstimator` the scheduler loop (services/scheduler/main.py)
-  calls, with the same inputs: a `LengthSortedPool` kept across decisions, one running + `staged`
-  batches per GPU in static mode, in-flight KV (input + the run's cap per request, released when
-  its result arrives) in continuous mode, and an estimator that learns from every finished batch
-  (`ServiceRecord` of size, max input, max *predicted* tokens and measured seconds, as
-  `ServiceRecord.from_batch_record` builds it).
+- Policy (real): every decision is the scheduler's own `planning.plan` (which GPUs take work and
+  in what order, each batch or admitted group, token caps, KV reservations), called as the
+  scheduler loop (services/scheduler/main.py) calls it, with the same inputs: a
+  `LengthSortedPool` kept across decisions, each GPU's in-flight batches (static) and KV held
+  (continuous, released when a result arrives), and a `ServiceTimeEstimator` that learns from
+  every finished batch (`ServiceRecord` of size, max input, max *predicted* tokens and measured
+  seconds, as `ServiceRecord.from_batch_record` builds it). The view of a request or a
+  continuation is the scheduler's too (`policy.waiting_request`). This module holds no decision
+  logic: only the engine model, the workers and the clock.
 - Continuations (real rule): a run capped below the request's true remaining length stops at its
   cap and the request goes back to the waiting pool with its output so far (prompt grown by it,
   remaining max_tokens shrunk, queued_at kept), predicted again by the predictor's continuation
@@ -33,10 +35,8 @@ running sequences decode one token), so the engine jumps over many steps at once
 first step boundary after a new request reaches the engine, so arrivals join at the same step
 they would in a step-by-step simulation.
 
-Deviation from the real loop, on purpose: the loop visits GPUs in index order, which with many
-GPUs sends every continuous-fcfs request to GPU 0 (it admits everyone at once). The simulator
-visits GPUs least loaded first (in-flight batches in static mode, in-flight KV tokens in
-continuous mode, then index), a load balancer's behaviour; with one GPU the two are the same.
+What the simulator does not model of the loop: the loop decides once per tick (20 ms) after
+ingesting what arrived, the simulator once per instant at which anything happened.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import numpy as np
 from bench.cost_model import DEFAULT_MAX_NUM_SEQS, EngineCostModel
 from bench.metrics import Outcome, RunSummary, summarise
 from services.predictor.model import clamp, remaining_given
-from services.scheduler import policy
+from services.scheduler import planning, policy
 from services.scheduler.batching import LengthSortedPool
 from services.scheduler.estimator import ServiceRecord, ServiceTimeEstimator
 
@@ -561,81 +561,36 @@ class Simulation:
         """The predictor's answer reaches the scheduler: the request joins the pool."""
         r = live.request
         live.predicted, live.upper = self.predictor.predict(r, live.generated)
-        self.pool.add(policy.WaitingRequest(
-            request_id=r.request_id, queued_at=r.arrival_s,
-            input_tokens=r.input_tokens + live.generated,
-            max_tokens=r.max_tokens - live.generated,
-            predicted_tokens=live.predicted, upper_tokens=live.upper,
-            # As the scheduler tells the oracle of a continuation: the remaining profiled length,
-            # none once the run outgrew it (the oracle then plans with the prediction).
-            true_output_tokens=(r.planned_tokens - live.generated
-                                if live.generated < r.planned_tokens else None)))
+        # The same view the scheduler builds of a request or continuation (prompt grown by the
+        # output so far, the oracle told the remaining profiled length).
+        self.pool.add(policy.waiting_request(
+            r.request_id, r.arrival_s, r.input_tokens + live.generated,
+            r.max_tokens - live.generated, live.predicted, live.upper, r.planned_tokens,
+            live.generated))
 
-    # --- decisions (Scheduler.decide) -------------------------------------------------------
+    # --- decisions: the scheduler's own `plan` ----------------------------------------------
     def _decide(self, now: float) -> None:
-        """Passes over the GPUs until nobody is sent anywhere (the loop's successive ticks at
-        one instant). Continuous mode needs one pass: a GPU just asked would be asked the same
-        ranking again at the same instant, whose first request did not fit, so it gets none."""
-        progress = True
-        while progress and len(self.pool):
-            progress = False
-            for gpu in self._gpu_order():
-                if not len(self.pool):
-                    break
-                members = self._decide_gpu(gpu, now)
-                if members:
-                    self._form(gpu, members, now)
-                    progress = self.config.mode == "static"
-
-    def _gpu_order(self) -> list[int]:
-        if self.config.mode == "static":
-            return sorted(range(self.config.gpus), key=lambda g: (len(self.inflight[g]), g))
-        return sorted(range(self.config.gpus), key=lambda g: (self.inflight_kv_total[g], g))
-
-    def _decide_gpu(self, gpu: int, now: float) -> list[tuple[policy.WaitingRequest, int]]:
-        """What the loop sends `gpu` now: (request, token cap) pairs, maybe none."""
+        """What the loop decides at this instant: `planning.plan` over the GPUs' states, carried
+        out on the simulated workers (plan removes the dispatched requests from the pool)."""
+        if not len(self.pool):
+            return
         cfg = self.config
-        snapshot = policy.GpuSnapshot(gpu=gpu, kv_budget_tokens=cfg.kv_budget_tokens)
-        if cfg.mode == "static":
-            if len(self.inflight[gpu]) > cfg.staged_batches_per_gpu:
-                return []  # one running + `staged` queued already
-            decision = policy.decide_batch(cfg.policy, self.pool, snapshot, now, self.estimator)
-            if decision is None:
-                return []
-            return list(zip(decision.members, decision.token_caps, strict=True))
-        inflight_kv = self.inflight_kv_total[gpu]
-        if self._nothing_fits(inflight_kv):
-            return []
-        admitted = policy.admit_continuous(cfg.policy, self.pool, snapshot, inflight_kv, now,
-                                           self.estimator)
-        return [(w, policy.token_cap(cfg.policy, w)) for w in admitted]
+        gpus = [planning.GpuState(gpu=g, kv_budget_tokens=cfg.kv_budget_tokens,
+                                  inflight_batches=len(self.inflight[g]),
+                                  inflight_kv_tokens=self.inflight_kv_total[g])
+                for g in range(cfg.gpus)]
+        for dispatch in planning.plan(cfg.policy, self.pool, gpus, now, self.estimator,
+                                      cfg.staged_batches_per_gpu):
+            self._form(dispatch, now)
 
-    def _nothing_fits(self, inflight_kv: int) -> bool:
-        """Whether `admit_continuous` would surely admit nobody: something is in flight and not
-        even the smallest waiting request fits the KV left. The same answer without ranking the
-        whole pool (which, for 64 GPUs after every event, dominated the run time)."""
-        if self.config.policy.name == "continuous-fcfs" or inflight_kv == 0:
-            return False  # continuous-fcfs admits everyone; an idle GPU takes even an oversize one
-        smallest = int((self.pool.input_tokens + self.pool.cap_tokens).min())
-        return inflight_kv + smallest > self.config.kv_budget_tokens
-
-    def _form(self, gpu: int, members: list[tuple[policy.WaitingRequest, int]],
-              now: float) -> None:
-        """Scheduler._form + dispatch: the batch leaves the pool and goes to the GPU's worker."""
-        items = [_Item(self.live[w.request_id], w, max(min(cap, w.max_tokens), 1))
-                 for w, cap in members]
-        self.pool.remove([w.request_id for w, _ in members])
-        static = self.config.mode == "static"
-        # KV held until a result arrives: static, prompt + cap; continuous, the admission's own
-        # reservation (runs there are not capped), as Scheduler._form records them.
-        held = [i.waiting.input_tokens + i.cap if static
-                else policy.admission_tokens(self.config.policy, i.waiting) for i in items]
-        demand = (len(items) * (max(i.waiting.input_tokens for i in items)
-                                + max(i.cap for i in items))
-                  if static else sum(held))
-        batch = _Batch(self._new_id(), gpu, items, demand, now)
+    def _form(self, dispatch: planning.Dispatch, now: float) -> None:
+        """Scheduler._form + dispatch: the batch goes to the GPU's worker."""
+        gpu = dispatch.gpu
+        items = [_Item(self.live[w.request_id], w, cap)
+                 for w, cap in zip(dispatch.members, dispatch.token_caps, strict=True)]
+        batch = _Batch(self._new_id(), gpu, items, dispatch.kv_demand_tokens, now)
         kv = self.inflight_kv[gpu]
-        for item, tokens in zip(items, held, strict=True):
+        for item, tokens in zip(items, dispatch.held_kv_tokens, strict=True):
             kv[item.waiting.request_id] = tokens
             self.inflight_kv_total[gpu] += tokens
         queue = self.inflight[gpu]

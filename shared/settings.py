@@ -77,12 +77,11 @@ class PredictorSettings(MagnusSettings):
     input_cache_size: int = Field(default=30_000, ge=1)
 
 
-Policy = Literal["fcfs-fixed", "continuous-fcfs", "sjf-predicted", "magnus", "magnus-oracle",
-                 "magnus-no-hrrn", "magnus-fixed-batch"]
-
-
 class SchedulerSettings(MagnusSettings):
-    policy: Policy = "magnus"
+    # A name registered in services/scheduler/registry.py (POLICIES); the scheduler refuses an
+    # unknown one at start-up with the list of registered names. Not a Literal here: shared/ sits
+    # below the services, so the registry is the one place the names are spelled.
+    policy: str = Field(default="magnus", min_length=1)
     # Fixed-size policies (fcfs-fixed, sjf-predicted, magnus-fixed-batch) use this batch size.
     batch_size: int = Field(default=8, ge=1)
     # Adaptive batches: a member may idle at most this many decode steps per useful token, plus

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import redis
 from celery import Celery
 
-from services.scheduler import policy
+from services.scheduler import planning, policy
 from services.scheduler.estimator import ServiceRecord, ServiceTimeEstimator
 from services.worker.celery_app import RUN_BATCH_TASK, make_celery
 from shared import keys, state
@@ -42,22 +42,13 @@ log = logging.getLogger("magnus.scheduler")
 
 
 def to_waiting(p: PredictedRequest) -> policy.WaitingRequest:
-    """The policy's view of a request. For a continuation, lengths are what remains to generate."""
+    """The policy's view of a request. For a continuation, lengths are what remains to generate
+    (its input_tokens already hold the output so far)."""
     req = p.request
-    # The oracle's knowledge (the profiled length) runs out when a sampled run outgrows it: from
-    # then on it plans with the prediction, as the others do, instead of 1-token runs.
-    true_remaining = (None if req.true_output_tokens is None
-                      or req.generated_so_far >= req.true_output_tokens
-                      else req.true_output_tokens - req.generated_so_far)
-    return policy.WaitingRequest(
-        request_id=req.request_id,
-        queued_at=req.queued_at,
-        input_tokens=req.input_tokens,
-        max_tokens=req.remaining_max_tokens,
-        predicted_tokens=p.prediction.predicted_tokens,
-        upper_tokens=p.prediction.upper_tokens,
-        true_output_tokens=true_remaining,
-    )
+    return policy.waiting_request(
+        req.request_id, req.queued_at, req.input_tokens, req.remaining_max_tokens,
+        p.prediction.predicted_tokens, p.prediction.upper_tokens, req.true_output_tokens,
+        req.generated_so_far)
 
 
 def policy_config(settings: SchedulerSettings) -> policy.PolicyConfig:
@@ -177,57 +168,38 @@ class Scheduler:
 
     # --- decisions --------------------------------------------------------------------------
     def decide(self, now: float) -> list[Batch]:
-        """Batches to send now: per live GPU, in static mode one when it has room for one more
-        (one running + `staged_batches_per_gpu` queued), in continuous mode whoever fits its
-        predicted KV budget."""
-        batches: list[Batch] = []
-        for gpu, beat in sorted(self.live_gpus().items()):
-            if not self.pool:
-                break
-            snapshot = policy.GpuSnapshot(gpu=gpu, kv_budget_tokens=beat.kv_budget_tokens)
-            if self.config.engine_mode == "static":
-                if len(self.inflight.get(gpu, {})) > self.settings.staged_batches_per_gpu:
-                    continue
-                decision = policy.decide_batch(self.config, self.sorted_pool, snapshot, now,
-                                               self.estimator)
-                if decision is None:
-                    continue
-                members = list(zip(decision.members, decision.token_caps, strict=True))
-                estimated = decision.estimated_service_s
-                held = None
-            else:
-                inflight_kv = sum(self.inflight_kv.get(gpu, {}).values())
-                admitted = policy.admit_continuous(self.config, self.sorted_pool, snapshot,
-                                                   inflight_kv, now, self.estimator)
-                if not admitted:
-                    continue
-                members = [(w, policy.token_cap(self.config, w)) for w in admitted]
-                estimated = 0.0
-                held = [policy.admission_tokens(self.config, w) for w in admitted]
-            batch = self._form(gpu, members, estimated, now, held)
-            batches.append(batch)
-        return batches
+        """Batches to send now: `planning.plan` over the live GPUs (the simulator calls the same
+        function), formed into Batch messages. plan removes them from the sorted pool."""
+        if not self.pool:
+            return []
+        gpus = [planning.GpuState(gpu=gpu, kv_budget_tokens=beat.kv_budget_tokens,
+                                  inflight_batches=len(self.inflight.get(gpu, {})),
+                                  inflight_kv_tokens=sum(self.inflight_kv.get(gpu, {}).values()))
+                for gpu, beat in sorted(self.live_gpus().items())]
+        dispatches = planning.plan(self.config, self.sorted_pool, gpus, now, self.estimator,
+                                   self.settings.staged_batches_per_gpu)
+        return [self._form(d, now) for d in dispatches]
 
-    def _form(self, gpu: int, members: list[tuple[policy.WaitingRequest, int]],
-              estimated_service_s: float, now: float, held: list[int] | None = None) -> Batch:
-        """`held`: the KV tokens each member counts as holding until its result (continuous
-        admission's reservations); None: prompt + cap."""
-        items = [self._item(self.pool.pop(w.request_id), cap) for w, cap in members]
-        self.sorted_pool.remove([w.request_id for w, _ in members])
-        batch = Batch(batch_id=uuid.uuid4().hex, gpu=gpu, policy=self.settings.policy,
-                      items=items, estimated_service_s=estimated_service_s, formed_at=now)
-        self.inflight.setdefault(gpu, {})[batch.batch_id] = batch
-        kv = self.inflight_kv.setdefault(gpu, {})
-        for n, item in enumerate(items):
-            kv[item.request_id] = item.input_tokens + item.max_tokens if held is None else held[n]
+    def _form(self, dispatch: planning.Dispatch, now: float) -> Batch:
+        """The Batch message for a dispatch; its members leave the pool and count as holding
+        their planned KV on the GPU until their results arrive."""
+        items = [self._item(self.pool.pop(w.request_id), cap)
+                 for w, cap in zip(dispatch.members, dispatch.token_caps, strict=True)]
+        batch = Batch(batch_id=uuid.uuid4().hex, gpu=dispatch.gpu, policy=self.settings.policy,
+                      items=items, estimated_service_s=dispatch.estimated_service_s,
+                      formed_at=now)
+        self.inflight.setdefault(dispatch.gpu, {})[batch.batch_id] = batch
+        kv = self.inflight_kv.setdefault(dispatch.gpu, {})
+        for item, held in zip(items, dispatch.held_kv_tokens, strict=True):
+            kv[item.request_id] = held
         return batch
 
     @staticmethod
     def _item(p: PredictedRequest, cap: int) -> BatchItem:
-        """A batch item capped at the policy's token cap: a run that reaches it short of the
+        """A batch item capped at the planned token cap: a run that reaches it short of the
         request's max_tokens comes back as a continuation."""
         req = p.request
-        return BatchItem(request=req, max_tokens=max(min(cap, req.remaining_max_tokens), 1),
+        return BatchItem(request=req, max_tokens=cap,
                          predicted_tokens=p.prediction.predicted_tokens,
                          upper_tokens=p.prediction.upper_tokens)
 

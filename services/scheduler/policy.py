@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, get_args
+from typing import get_args
 
 import numpy as np
 
@@ -38,6 +38,7 @@ from services.scheduler.batching import (
 )
 from services.scheduler.estimator import BatchTimeEstimator
 from services.scheduler.ordering import WaitDefinition
+from services.scheduler.registry import PolicySpec, get_policy
 
 
 @dataclass(frozen=True)
@@ -54,22 +55,32 @@ class WaitingRequest:
     true_output_tokens: int | None = None
 
 
+def waiting_request(request_id: str, queued_at: float, prompt_tokens: int,
+                    remaining_max_tokens: int, predicted_tokens: int, upper_tokens: int,
+                    true_output_tokens: int | None, generated_so_far: int) -> WaitingRequest:
+    """The policy's view of a request or a continuation: `prompt_tokens` and
+    `remaining_max_tokens` are this run's (a continuation's prompt holds its output so far), and
+    the prediction is of what remains. The oracle's knowledge (the profiled length) runs out once
+    a sampled run outgrows it: from then on it plans with the prediction, as the others do,
+    instead of 1-token runs."""
+    true_remaining = (None if true_output_tokens is None or generated_so_far >= true_output_tokens
+                      else true_output_tokens - generated_so_far)
+    return WaitingRequest(request_id=request_id, queued_at=queued_at, input_tokens=prompt_tokens,
+                          max_tokens=remaining_max_tokens, predicted_tokens=predicted_tokens,
+                          upper_tokens=upper_tokens, true_output_tokens=true_remaining)
+
+
 @dataclass(frozen=True)
 class GpuSnapshot:
     gpu: int
     kv_budget_tokens: int
 
 
-PolicyName = Literal["fcfs-fixed", "continuous-fcfs", "sjf-predicted", "magnus", "magnus-oracle",
-                     "magnus-no-hrrn", "magnus-fixed-batch"]
-# Baselines that ignore predictions: their runs go to max_tokens, as plain vLLM's would.
-_PREDICTION_FREE: frozenset[PolicyName] = frozenset({"fcfs-fixed", "continuous-fcfs"})
-_HRRN: frozenset[PolicyName] = frozenset({"magnus", "magnus-oracle", "magnus-fixed-batch"})
-
-
 @dataclass(frozen=True)
 class PolicyConfig:
-    name: PolicyName = "magnus"
+    """A registered policy (`registry.POLICIES`) with its tuning knobs."""
+
+    name: str = "magnus"
     batch_size: int = 8  # fixed-size variants (fcfs-fixed, sjf-predicted, magnus-fixed-batch)
     max_waste_ratio: float = 0.5  # idle decode steps per useful token, per member (batching.py)
     waste_slack_tokens: int = 16  # idle steps any member may take on top of the ratio
@@ -79,7 +90,7 @@ class PolicyConfig:
     max_model_len: int = 2048
 
     def __post_init__(self) -> None:
-        assert self.name in get_args(PolicyName), f"unknown policy {self.name!r}"
+        get_policy(self.name)  # refuses an unknown name, listing the registered ones
         assert self.hrrn_wait in get_args(WaitDefinition), f"unknown wait {self.hrrn_wait!r}"
         assert self.engine_mode in get_args(EngineMode), f"unknown mode {self.engine_mode!r}"
         assert self.batch_size >= 1 and self.max_batch_size >= 1, "batch sizes must be positive"
@@ -87,19 +98,23 @@ class PolicyConfig:
         assert self.max_model_len >= 2, "model context too small"
 
     @property
+    def spec(self) -> PolicySpec:
+        return get_policy(self.name)
+
+    @property
     def oracle(self) -> bool:
-        return self.name == "magnus-oracle"
+        return self.spec.oracle
 
     @property
     def uses_predictions(self) -> bool:
-        return self.name not in _PREDICTION_FREE
+        return self.spec.uses_predictions
 
 
 @dataclass(frozen=True)
 class Decision:
     """The batch to run now, and why: its estimated service time and response ratio."""
 
-    policy: PolicyName
+    policy: str
     batch: CandidateBatch
     estimated_service_s: float
     response_ratio: float
@@ -168,23 +183,21 @@ def decide_batch(config: PolicyConfig, waiting: Sequence[WaitingRequest], gpu: G
                  now: float, estimator: BatchTimeEstimator) -> Decision | None:
     """Static engine: the one batch to run now on the free `gpu`, or None if nobody waits.
 
-    magnus: adaptive batches + HRRN; magnus-oracle: the same on true lengths; magnus-no-hrrn:
-    adaptive batches, the oldest request's batch first; magnus-fixed-batch: length-sorted groups of
-    batch_size + HRRN; sjf-predicted: length-sorted groups of batch_size, shortest first;
-    fcfs-fixed: `fcfs_fixed`; continuous-fcfs: everyone waiting, in arrival order (the "send all
-    to vLLM" baseline, no budget).
+    Candidates come from the spec's `batching` (adaptive: `adaptive_batches`; length-sorted-fixed:
+    `fixed_size_batches`; arrival-fixed: `fcfs_fixed`; everyone: all who wait, in arrival order,
+    with no budget), and the pick from its `ordering` (hrrn, sjf, fcfs) over those candidates.
     """
     if not waiting:
         return None
     assert gpu.kv_budget_tokens >= 1, "a GPU without KV budget cannot run a batch"
-    if not config.uses_predictions:
-        return _decide_prediction_free(config, waiting, now, estimator)
+    if config.spec.batching in ("arrival-fixed", "everyone"):
+        return _decide_by_arrival(config, waiting, now, estimator)
     candidates = _candidates(config, _as_pool(config, waiting), gpu)
-    if config.name in _HRRN:
+    if config.spec.ordering == "hrrn":
         pick = ordering.hrrn_pick(candidates, now, estimator, config.hrrn_wait)
         return Decision(config.name, candidates[pick.index], pick.estimated_service_s,
                         pick.response_ratio, len(candidates))
-    index = (ordering.sjf_index(candidates) if config.name == "sjf-predicted"
+    index = (ordering.sjf_index(candidates) if config.spec.ordering == "sjf"
              else ordering.fcfs_index(candidates))
     return _decision(config, candidates[index], now, estimator, len(candidates))
 
@@ -194,30 +207,32 @@ def admit_continuous(config: PolicyConfig, waiting: Sequence[WaitingRequest], gp
                      estimator: BatchTimeEstimator) -> list[WaitingRequest]:
     """Continuous engine: which waiting requests to send now, in the order to send them.
 
-    continuous-fcfs sends everyone in arrival order (plain vLLM; no budget). The others send, in
+    Admission "everyone" (continuous-fcfs) sends everyone in arrival order (plain vLLM; no
+    budget). The others ("budget") send, in
     their order, while the predicted KV use (inflight + sum of input + cap) fits the budget, and
     stop at the first that does not fit rather than let smaller ones past it: skipping would
     starve long requests, the very thing the ordering prevents. If nothing is in flight the first
     is sent even if alone it is over budget (it fits the context; see batching.py).
 
-    Order: magnus variants (HRRN) rank each request by its own response ratio, its service being
-    the estimated time of that request alone. Chosen over "predicted length with aging" because it
-    is aging with a rate derived from the request itself rather than a tuning constant: a request
-    of service S passes a fresh one of service s after waiting S x (1 + wait_s / s) - S, which is
-    the same rule the static policy uses, so the two modes stay comparable.
-    sjf-predicted: shortest predicted first. fcfs-fixed, magnus-no-hrrn: arrival order.
+    Order (the spec's `ordering`): hrrn ranks each request by its own response ratio, its service
+    being the estimated time of that request alone. Chosen over "predicted length with aging"
+    because it is aging with a rate derived from the request itself rather than a tuning
+    constant: a request of service S passes a fresh one of service s after waiting
+    S x (1 + wait_s / s) - S, which is the same rule the static policy uses, so the two modes
+    stay comparable.
+    sjf: shortest predicted first. fcfs: arrival order.
     """
     assert inflight_kv_tokens >= 0, "negative KV in flight"
     if not waiting:
         return []
-    if config.name == "continuous-fcfs":
+    if config.spec.admission == "everyone":
         return sorted(waiting, key=lambda w: (w.queued_at, w.request_id))
     predicted, inputs, caps, queued_at = _request_columns(config, waiting)
-    if config.name in _HRRN:
+    if config.spec.ordering == "hrrn":
         service = estimator.estimate_many(np.ones_like(inputs), inputs, predicted)
         ratios = ordering.response_ratios(now - queued_at, service)
         order = np.lexsort((queued_at, -ratios))
-    elif config.name == "sjf-predicted":
+    elif config.spec.ordering == "sjf":
         order = np.lexsort((queued_at, predicted))
     else:
         order = np.argsort(queued_at, kind="stable")
@@ -260,7 +275,7 @@ def _request_columns(config: PolicyConfig, waiting: Sequence[WaitingRequest]) ->
 
 
 def _candidates(config: PolicyConfig, pool: LengthSortedPool, gpu: GpuSnapshot) -> CandidateSet:
-    if config.name in ("magnus", "magnus-oracle", "magnus-no-hrrn"):
+    if config.spec.batching == "adaptive":
         return adaptive_batches(pool, gpu.kv_budget_tokens, engine_mode=config.engine_mode,
                                 max_waste_ratio=config.max_waste_ratio,
                                 waste_slack_tokens=config.waste_slack_tokens,
@@ -269,14 +284,15 @@ def _candidates(config: PolicyConfig, pool: LengthSortedPool, gpu: GpuSnapshot) 
                               engine_mode=config.engine_mode)
 
 
-def _decide_prediction_free(config: PolicyConfig, waiting: Sequence[WaitingRequest], now: float,
-                            estimator: BatchTimeEstimator) -> Decision:
-    if config.name == "fcfs-fixed":
+def _decide_by_arrival(config: PolicyConfig, waiting: Sequence[WaitingRequest], now: float,
+                       estimator: BatchTimeEstimator) -> Decision:
+    if config.spec.batching == "arrival-fixed":
         members = fcfs_fixed(waiting, config.batch_size)
     else:
         members = sorted(waiting, key=lambda w: (w.queued_at, w.request_id))
     caps = [token_cap(config, w) for w in members]
-    predicted = [effective_predicted(w, c) for w, c in zip(members, caps, strict=True)]
+    predicted = [effective_predicted(w, c, oracle=config.oracle)
+                 for w, c in zip(members, caps, strict=True)]
     batch = batch_of(members, caps, predicted, config.engine_mode)
     return _decision(config, batch, now, estimator, candidates=1)
 

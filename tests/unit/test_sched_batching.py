@@ -18,32 +18,9 @@ from services.scheduler.batching import (
     run_token_cap,
 )
 from services.scheduler.policy import WaitingRequest
+from tests.factories import waiting_request, waiting_requests
 
 MAX_MODEL_LEN = 2048
-
-
-@st.composite
-def waiting_requests(draw: st.DrawFn, max_size: int = 60) -> list[WaitingRequest]:
-    n = draw(st.integers(0, max_size))
-    out = []
-    for i in range(n):
-        predicted = draw(st.integers(1, 512))
-        out.append(WaitingRequest(
-            request_id=f"r{i}",
-            queued_at=draw(st.floats(0.0, 100.0, allow_nan=False)),
-            input_tokens=draw(st.integers(1, 1500)),
-            max_tokens=draw(st.integers(1, 1024)),
-            predicted_tokens=predicted,
-            upper_tokens=predicted + draw(st.integers(0, 300)),
-            true_output_tokens=draw(st.none() | st.integers(0, 600))))
-    return out
-
-
-def _w(i: int, predicted: int, input_tokens: int = 10, queued_at: float = 0.0,
-       upper: int | None = None) -> WaitingRequest:
-    return WaitingRequest(request_id=f"r{i}", queued_at=queued_at, input_tokens=input_tokens,
-                          max_tokens=1024, predicted_tokens=predicted,
-                          upper_tokens=predicted if upper is None else upper)
 
 
 def _groups(candidates: CandidateSet) -> list[tuple[int, int]]:
@@ -120,7 +97,8 @@ def test_fixed_size_batches_are_length_sorted_groups_of_at_most_b_within_budget(
 
 
 def test_static_demand_is_size_times_longest_input_plus_longest_cap() -> None:
-    pool = LengthSortedPool([_w(0, 10, input_tokens=100), _w(1, 11, input_tokens=20, upper=30)],
+    pool = LengthSortedPool([waiting_request(0, 10, 0.0, input_tokens=100),
+                             waiting_request(1, 11, 0.0, input_tokens=20, upper=30)],
                             max_model_len=MAX_MODEL_LEN)
     (batch,) = adaptive_batches(pool, 10_000)
     assert batch.kv_demand_tokens == 2 * (100 + 30)
@@ -130,21 +108,26 @@ def test_static_demand_is_size_times_longest_input_plus_longest_cap() -> None:
 
 
 def test_budget_splits_a_homogeneous_pool() -> None:
-    pool = LengthSortedPool([_w(i, 100, input_tokens=100) for i in range(10)],
+    pool = LengthSortedPool([waiting_request(i, 100, 0.0, input_tokens=100) for i in range(10)],
                             max_model_len=MAX_MODEL_LEN)
     candidates = adaptive_batches(pool, 4 * 200)
     assert candidates.size.tolist() == [4, 4, 2]
 
 
 def test_waste_bound_separates_short_from_long() -> None:
-    pool = LengthSortedPool([_w(0, 10), _w(1, 12), _w(2, 400), _w(3, 410)],
+    pool = LengthSortedPool([waiting_request(0, 10, 0.0, input_tokens=10),
+                             waiting_request(1, 12, 0.0, input_tokens=10),
+                             waiting_request(2, 400, 0.0, input_tokens=10),
+                             waiting_request(3, 410, 0.0, input_tokens=10)],
                             max_model_len=MAX_MODEL_LEN)
     candidates = adaptive_batches(pool, 100_000, max_waste_ratio=0.25, waste_slack_tokens=0)
     assert [[m.request_id for m in b.members] for b in candidates] == [["r0", "r1"], ["r2", "r3"]]
 
 
 def test_a_request_alone_over_budget_is_a_batch_of_one_not_dropped() -> None:
-    pool = LengthSortedPool([_w(0, 100, input_tokens=1500), _w(1, 100), _w(2, 100)],
+    pool = LengthSortedPool([waiting_request(0, 100, 0.0, input_tokens=1500),
+                             waiting_request(1, 100, 0.0, input_tokens=10),
+                             waiting_request(2, 100, 0.0, input_tokens=10)],
                             max_model_len=MAX_MODEL_LEN)
     candidates = adaptive_batches(pool, 500)
     sizes = {b.members[0].request_id: b.size for b in candidates if b.size == 1}
@@ -154,7 +137,8 @@ def test_a_request_alone_over_budget_is_a_batch_of_one_not_dropped() -> None:
 
 def test_a_prompt_longer_than_the_context_is_refused() -> None:
     with pytest.raises(AssertionError, match="does not fit"):
-        LengthSortedPool([_w(0, 10, input_tokens=MAX_MODEL_LEN)], max_model_len=MAX_MODEL_LEN)
+        LengthSortedPool([waiting_request(0, 10, 0.0, input_tokens=MAX_MODEL_LEN)],
+                         max_model_len=MAX_MODEL_LEN)
 
 
 def test_cap_is_upper_within_max_tokens_and_context() -> None:
@@ -186,9 +170,10 @@ def test_pool_kept_by_add_and_remove_equals_a_fresh_pool(
 
 
 def test_pool_refuses_a_request_twice() -> None:
-    pool = LengthSortedPool([_w(0, 10)], max_model_len=MAX_MODEL_LEN)
+    pool = LengthSortedPool([waiting_request(0, 10, 0.0, input_tokens=10)],
+                            max_model_len=MAX_MODEL_LEN)
     with pytest.raises(AssertionError, match="twice"):
-        pool.add(_w(0, 10))
+        pool.add(waiting_request(0, 10, 0.0, input_tokens=10))
 
 
 def test_empty_pool_has_no_candidates() -> None:

@@ -15,7 +15,6 @@ from services.scheduler.policy import (
     Decision,
     GpuSnapshot,
     PolicyConfig,
-    PolicyName,
     WaitingRequest,
     admission_tokens,
     admit_continuous,
@@ -25,16 +24,10 @@ from services.scheduler.policy import (
     pool_for,
     token_cap,
 )
-from tests.unit.test_sched_batching import waiting_requests
+from services.scheduler.registry import POLICIES
+from tests.factories import waiting_request, waiting_requests
 
-ALL_POLICIES: tuple[PolicyName, ...] = get_args(PolicyName)
-
-
-def _w(i: int, predicted: int, queued_at: float, input_tokens: int = 50,
-       true: int | None = None) -> WaitingRequest:
-    return WaitingRequest(request_id=f"r{i}", queued_at=queued_at, input_tokens=input_tokens,
-                          max_tokens=1024, predicted_tokens=predicted, upper_tokens=predicted,
-                          true_output_tokens=true)
+ALL_POLICIES: tuple[str, ...] = tuple(POLICIES)
 
 
 def _drain(config: PolicyConfig, waiting: list[WaitingRequest], budget: int,
@@ -52,7 +45,7 @@ def _drain(config: PolicyConfig, waiting: list[WaitingRequest], budget: int,
         ids = [m.request_id for m in decision.members]
         assert len(set(ids)) == len(ids), "a request twice in one batch"
         assert set(ids) <= {w.request_id for w in view}, "dispatched someone not waiting"
-        if config.name not in ("fcfs-fixed", "continuous-fcfs"):
+        if config.spec.batching not in ("arrival-fixed", "everyone"):
             assert decision.batch.kv_demand_tokens <= budget or decision.batch.size == 1
         assert decision.estimated_service_s > 0 and decision.response_ratio >= 1.0
         assert len(decision.token_caps) == len(ids)
@@ -70,7 +63,7 @@ def _drain(config: PolicyConfig, waiting: list[WaitingRequest], budget: int,
 @given(waiting_requests(max_size=40), st.sampled_from(ALL_POLICIES), st.integers(1500, 20_000),
        st.booleans(), st.sampled_from(get_args(WaitDefinition)))
 def test_every_request_is_dispatched_exactly_once(
-        waiting: list[WaitingRequest], name: PolicyName, budget: int, keep_pool: bool,
+        waiting: list[WaitingRequest], name: str, budget: int, keep_pool: bool,
         wait: WaitDefinition) -> None:
     config = PolicyConfig(name=name, batch_size=4, hrrn_wait=wait)
     decisions = _drain(config, waiting, budget, keep_pool)
@@ -84,7 +77,7 @@ def test_no_decision_when_nobody_waits() -> None:
 
 
 def test_fcfs_fixed_decision_is_fcfs_fixed() -> None:
-    waiting = [_w(i, 10 * (5 - i), queued_at=float(i)) for i in range(5)]
+    waiting = [waiting_request(i, 10 * (5 - i), queued_at=float(i)) for i in range(5)]
     decision = decide_batch(PolicyConfig(name="fcfs-fixed", batch_size=3), waiting,
                             GpuSnapshot(0, 10_000), 10.0, ServiceTimeEstimator())
     assert decision is not None
@@ -93,7 +86,8 @@ def test_fcfs_fixed_decision_is_fcfs_fixed() -> None:
 
 
 def test_magnus_groups_by_length_and_sjf_takes_the_shortest() -> None:
-    waiting = [_w(0, 400, 0.0), _w(1, 10, 5.0), _w(2, 405, 1.0), _w(3, 12, 6.0)]
+    waiting = [waiting_request(0, 400, 0.0), waiting_request(1, 10, 5.0),
+               waiting_request(2, 405, 1.0), waiting_request(3, 12, 6.0)]
     gpu, estimator = GpuSnapshot(0, 100_000), ServiceTimeEstimator()
     magnus = decide_batch(PolicyConfig(waste_slack_tokens=0), waiting, gpu, 6.0, estimator)
     assert magnus is not None and magnus.candidates == 2
@@ -108,7 +102,7 @@ def test_magnus_groups_by_length_and_sjf_takes_the_shortest() -> None:
 
 def test_oracle_plans_with_true_lengths() -> None:
     # Predicted alike, truly apart: the oracle splits them, magnus does not.
-    waiting = [_w(0, 100, 0.0, true=10), _w(1, 100, 0.0, true=400)]
+    waiting = [waiting_request(0, 100, 0.0, true=10), waiting_request(1, 100, 0.0, true=400)]
     gpu, estimator = GpuSnapshot(0, 100_000), ServiceTimeEstimator()
     magnus = decide_batch(PolicyConfig(), waiting, gpu, 1.0, estimator)
     oracle = decide_batch(PolicyConfig(name="magnus-oracle"), waiting, gpu, 1.0, estimator)
@@ -144,7 +138,7 @@ def test_continuous_runs_are_not_capped_but_admission_reserves_the_planned_lengt
 
 # --- continuous engine --------------------------------------------------------------------------
 def test_continuous_fcfs_sends_everyone_in_arrival_order() -> None:
-    waiting = [_w(i, 100, queued_at=float(-i)) for i in range(5)]
+    waiting = [waiting_request(i, 100, queued_at=float(-i)) for i in range(5)]
     admitted = admit_continuous(PolicyConfig(name="continuous-fcfs", engine_mode="continuous"),
                                 waiting, GpuSnapshot(0, 10), 10**6, 0.0, ServiceTimeEstimator())
     assert [w.request_id for w in admitted] == ["r4", "r3", "r2", "r1", "r0"]
@@ -154,7 +148,7 @@ def test_continuous_fcfs_sends_everyone_in_arrival_order() -> None:
 @given(waiting_requests(max_size=40), st.sampled_from(ALL_POLICIES), st.integers(500, 20_000),
        st.integers(0, 5000))
 def test_admission_stays_within_budget_and_drains(waiting: list[WaitingRequest],
-                                                  name: PolicyName, budget: int,
+                                                  name: str, budget: int,
                                                   inflight: int) -> None:
     config = PolicyConfig(name=name, engine_mode="continuous")
     gpu, estimator = GpuSnapshot(0, budget), ServiceTimeEstimator()
@@ -180,14 +174,15 @@ def test_admission_stays_within_budget_and_drains(waiting: list[WaitingRequest],
 
 
 def test_continuous_magnus_ranks_by_response_ratio() -> None:
-    waiting = [_w(0, 400, queued_at=0.0), _w(1, 10, queued_at=9.0)]
+    waiting = [waiting_request(0, 400, queued_at=0.0), waiting_request(1, 10, queued_at=9.0)]
     config = PolicyConfig(name="magnus", engine_mode="continuous")
     estimator = ServiceTimeEstimator()
     fresh = admit_continuous(config, waiting, GpuSnapshot(0, 10_000), 0, 10.0, estimator)
     assert [w.request_id for w in fresh] == ["r1", "r0"]
     # Once the long one has waited twice its own service time, it goes before a fresh short one.
     later = 2 * estimator.estimate(1, 50, 400)
-    waiting = [_w(0, 400, queued_at=0.0), _w(1, 10, queued_at=later - 0.1)]
+    waiting = [waiting_request(0, 400, queued_at=0.0),
+               waiting_request(1, 10, queued_at=later - 0.1)]
     old = admit_continuous(config, waiting, GpuSnapshot(0, 10_000), 0, later, estimator)
     assert [w.request_id for w in old] == ["r0", "r1"]
     # Head-of-line: a request that does not fit stops admission (no overtaking).
@@ -210,9 +205,9 @@ def _stream_until_long_dispatched(config: PolicyConfig) -> tuple[float | None, f
     """
     estimator = ServiceTimeEstimator()
     gpu = GpuSnapshot(0, 46_000)
-    pool = pool_for(config, [_w(0, 400, 0.0)])
+    pool = pool_for(config, [waiting_request(0, 400, 0.0)])
     # Shorts already wait beside it at t = 0, then keep arriving every SHORT_EVERY_S.
-    arrivals = [_w(i, 20, queued_at=max(0.0, (i - 5) * SHORT_EVERY_S))
+    arrivals = [waiting_request(i, 20, queued_at=max(0.0, (i - 5) * SHORT_EVERY_S))
                 for i in range(1, int(STREAM_S / SHORT_EVERY_S))]
     now, next_arrival, longest_short_s, most_shorts = 0.0, 0, 0.0, 0
     while now < STREAM_S:

@@ -22,6 +22,7 @@ from bench.simulator import (
     simulate,
 )
 from services.scheduler.policy import PolicyConfig
+from tests.factories import FixedPredictor
 
 # Decode steps of 10 ms whatever the batch, prefill steps of 100 ms whatever the tokens: easy
 # to add up by hand.
@@ -33,17 +34,6 @@ CPU_LIKE = EngineCostModel(step_base_s=0.025, step_per_seq_s=0.0015,
 STATIC = ["fcfs-fixed", "sjf-predicted", "magnus", "magnus-oracle", "magnus-no-hrrn",
           "magnus-fixed-batch"]
 CONTINUOUS = ["continuous-fcfs", "magnus", "magnus-oracle", "sjf-predicted"]
-
-
-class FixedPredictor:
-    """Always (point, upper), within what the request may still generate."""
-
-    def __init__(self, point: int, upper: int) -> None:
-        self.point, self.upper = point, upper
-
-    def predict(self, request: SimRequest, generated_so_far: int) -> tuple[int, int]:
-        left = request.max_tokens - generated_so_far
-        return min(self.point, left), min(self.upper, left)
 
 
 def req(i: int, at: float, true: int, input_tokens: int = 10, max_tokens: int = 8,

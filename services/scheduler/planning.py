@@ -1,0 +1,140 @@
+"""`plan`: everything the scheduler decides at one instant, as one pure function.
+
+The live loop (services/scheduler/main.py) and the simulator (bench/simulator.py) both call
+`plan` and only carry out what it returns: the loop as Batch messages on Celery queues, the
+simulator as runs on modelled engines. Neither holds any decision logic of its own, so the policy
+the simulator judges is the one that serves.
+
+What `plan` decides, given the policy, the waiting pool, each live GPU's state and the clock:
+- which GPUs may take work: in static mode a GPU takes a batch while it holds at most
+  `staged_batches_per_gpu` batches (one running + that many queued behind it); in continuous
+  mode a GPU takes whoever fits its KV budget beside what it holds;
+- the GPUs' order: least loaded first (in-flight batches in static mode, in-flight KV tokens in
+  continuous mode, then index), a load balancer's behaviour; with one GPU there is no choice;
+- per GPU, the batch (static: `policy.decide_batch`) or the admitted requests (continuous:
+  `policy.admit_continuous`), each member's token cap and the KV it counts as holding until its
+  result arrives;
+- passes: in static mode it passes over the GPUs again while anything was dispatched (a GPU that
+  took its running batch may take its staged one from who is left); in continuous mode one pass
+  (a GPU asked again at the same instant would rank the same pool and admit nobody).
+
+Side effect, on purpose: `plan` removes what it dispatches from `pool`, the sorted pool the
+caller keeps across decisions (copying 10,000 waiting requests each tick would cost more than the
+decision). Nothing else is touched: GPU states are snapshots and the estimator is only read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from services.scheduler import policy
+from services.scheduler.batching import LengthSortedPool
+from services.scheduler.estimator import BatchTimeEstimator
+
+
+@dataclass(frozen=True)
+class GpuState:
+    """A live GPU as the planner sees it."""
+
+    gpu: int
+    kv_budget_tokens: int
+    inflight_batches: int = 0  # static mode: batches running or staged on it
+    inflight_kv_tokens: int = 0  # continuous mode: KV its in-flight requests count as holding
+
+    def __post_init__(self) -> None:
+        assert self.inflight_batches >= 0 and self.inflight_kv_tokens >= 0, "negative load"
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """One batch (static) or admitted group (continuous) to send to `gpu` now."""
+
+    gpu: int
+    members: tuple[policy.WaitingRequest, ...]
+    token_caps: tuple[int, ...]  # max_tokens each member's run is sent with
+    held_kv_tokens: tuple[int, ...]  # KV each member counts as holding until its result
+    estimated_service_s: float  # static: the batch's estimate; continuous: 0 (not a batch)
+    kv_demand_tokens: int  # static: size x (max input + max cap); continuous: sum held
+
+    def __post_init__(self) -> None:
+        assert self.members, "an empty dispatch"
+        assert len(self.members) == len(self.token_caps) == len(self.held_kv_tokens)
+        assert all(1 <= c <= w.max_tokens for w, c in zip(self.members, self.token_caps,
+                                                            strict=True)), "cap out of range"
+
+
+def plan(config: policy.PolicyConfig, pool: LengthSortedPool, gpus: Sequence[GpuState],
+         now: float, estimator: BatchTimeEstimator,
+         staged_batches_per_gpu: int = 1) -> list[Dispatch]:
+    """The dispatches for this instant, in the order to send them (see the module docstring)."""
+    assert staged_batches_per_gpu >= 0, "negative staging"
+    assert len({g.gpu for g in gpus}) == len(gpus), "a GPU listed twice"
+    static = config.engine_mode == "static"
+    batches = {g.gpu: g.inflight_batches for g in gpus}
+    kv_held = {g.gpu: g.inflight_kv_tokens for g in gpus}
+    budgets = {g.gpu: g.kv_budget_tokens for g in gpus}
+    dispatches: list[Dispatch] = []
+    progress = True
+    while progress and len(pool):
+        progress = False
+        load = batches if static else kv_held
+        for gpu in sorted(budgets, key=lambda g: (load[g], g)):
+            if not len(pool):
+                break
+            dispatch = _plan_gpu(config, pool, gpu, budgets[gpu], batches[gpu], kv_held[gpu],
+                                 now, estimator, staged_batches_per_gpu)
+            if dispatch is None:
+                continue
+            pool.remove([w.request_id for w in dispatch.members])
+            batches[gpu] += 1
+            kv_held[gpu] += sum(dispatch.held_kv_tokens)
+            dispatches.append(dispatch)
+            progress = static
+    return dispatches
+
+
+def _plan_gpu(config: policy.PolicyConfig, pool: LengthSortedPool, gpu: int,
+              kv_budget_tokens: int, inflight_batches: int, inflight_kv_tokens: int, now: float,
+              estimator: BatchTimeEstimator, staged_batches_per_gpu: int) -> Dispatch | None:
+    snapshot = policy.GpuSnapshot(gpu=gpu, kv_budget_tokens=kv_budget_tokens)
+    if config.engine_mode == "static":
+        if inflight_batches > staged_batches_per_gpu:
+            return None  # one running + `staged` queued already
+        decision = policy.decide_batch(config, pool, snapshot, now, estimator)
+        if decision is None:
+            return None
+        caps = tuple(_within(w, c) for w, c in zip(decision.members, decision.token_caps,
+                                                   strict=True))
+        held = tuple(w.input_tokens + c for w, c in zip(decision.members, caps, strict=True))
+        demand = len(caps) * (max(w.input_tokens for w in decision.members) + max(caps))
+        return Dispatch(gpu, decision.members, caps, held, decision.estimated_service_s, demand)
+    if _nothing_fits(config, pool, kv_budget_tokens, inflight_kv_tokens):
+        return None
+    admitted = policy.admit_continuous(config, pool, snapshot, inflight_kv_tokens, now,
+                                       estimator)
+    if not admitted:
+        return None
+    caps = tuple(_within(w, policy.token_cap(config, w)) for w in admitted)
+    # Continuous runs are not capped at the prediction, but admission counts each as holding its
+    # prompt + planned length (policy.admission_tokens) until its result arrives.
+    held = tuple(policy.admission_tokens(config, w) for w in admitted)
+    return Dispatch(gpu, tuple(admitted), caps, held, 0.0, sum(held))
+
+
+def _within(request: policy.WaitingRequest, cap: int) -> int:
+    """A run's cap within what the request may still generate (at least one token)."""
+    return max(min(cap, request.max_tokens), 1)
+
+
+def _nothing_fits(config: policy.PolicyConfig, pool: LengthSortedPool, kv_budget_tokens: int,
+                  inflight_kv_tokens: int) -> bool:
+    """Whether `admit_continuous` would surely admit nobody: something is in flight and not even
+    the smallest waiting request fits the KV left. The same answer without ranking the whole pool
+    (which, for 64 GPUs after every event, dominated the simulator's run time). The pool's caps
+    are at most the ones admission uses, so this never says "nothing" when something fits."""
+    if config.spec.admission == "everyone" or inflight_kv_tokens == 0:
+        return False  # admits everyone; an idle GPU takes even an oversize request
+    smallest = int((pool.input_tokens + pool.cap_tokens).min())
+    return inflight_kv_tokens + smallest > kv_budget_tokens
+

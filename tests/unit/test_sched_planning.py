@@ -1,0 +1,139 @@
+"""`planning.plan`: the one decision function the scheduler loop and the simulator share."""
+
+from __future__ import annotations
+
+import ast
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bench.cost_model import EngineCostModel
+from bench.simulator import SimConfig, SimRequest, simulate
+from services.scheduler import planning
+from services.scheduler.estimator import ServiceTimeEstimator
+from services.scheduler.planning import Dispatch, GpuState, plan
+from services.scheduler.policy import (
+    GpuSnapshot,
+    PolicyConfig,
+    WaitingRequest,
+    admit_continuous,
+    pool_for,
+)
+from services.scheduler.registry import POLICIES
+from shared.settings import REPO_ROOT
+from tests.factories import FixedPredictor, waiting_request
+
+FLAT = EngineCostModel(step_base_s=0.01, step_per_seq_s=0.0, step_per_context_token_s=0.0,
+                       prefill_step_s=0.1, prefill_per_token_s=0.0)
+
+
+def _plan(name: str, waiting: list[WaitingRequest], gpus: list[GpuState], mode: str = "static",
+          staged: int = 1) -> tuple[list[Dispatch], int]:
+    config = PolicyConfig(name=name, engine_mode=mode)  # type: ignore[arg-type]
+    pool = pool_for(config, waiting)
+    dispatches = plan(config, pool, gpus, 100.0, ServiceTimeEstimator(), staged)
+    return dispatches, len(pool)
+
+
+def _check(dispatches: list[Dispatch], waiting: list[WaitingRequest], left: int) -> None:
+    ids = [w.request_id for d in dispatches for w in d.members]
+    assert len(ids) == len(set(ids)), "a request dispatched twice"
+    assert len(ids) + left == len(waiting), "plan must remove exactly what it dispatches"
+    for d in dispatches:
+        assert d.held_kv_tokens and all(h >= 1 for h in d.held_kv_tokens)
+
+
+def test_static_fills_running_and_staged_then_stops() -> None:
+    waiting = [waiting_request(i, predicted=10 * (i + 1), queued_at=float(i)) for i in range(40)]
+    dispatches, left = _plan("fcfs-fixed", waiting, [GpuState(0, 46_592)], staged=1)
+    assert [len(d.members) for d in dispatches] == [8, 8]  # one running + one staged
+    assert [w.request_id for w in dispatches[0].members] == [f"r{i}" for i in range(8)]
+    _check(dispatches, waiting, left)
+    full = GpuState(0, 46_592, inflight_batches=2)
+    assert _plan("fcfs-fixed", waiting, [full], staged=1)[0] == []
+
+
+def test_static_batch_records_caps_held_kv_and_demand() -> None:
+    waiting = [waiting_request(i, predicted=20, queued_at=float(i), input_tokens=30 + i)
+               for i in range(4)]
+    (d, *_), left = _plan("magnus", waiting, [GpuState(0, 46_592)])
+    assert d.token_caps == (20,) * 4
+    assert d.held_kv_tokens == tuple(30 + i + 20 for i in range(4))
+    assert d.kv_demand_tokens == 4 * (33 + 20)  # padded: size x (max input + max cap)
+    assert d.estimated_service_s > 0
+    _check([d], waiting, left)
+
+
+def test_gpus_least_loaded_first() -> None:
+    waiting = [waiting_request(i, predicted=10, queued_at=float(i)) for i in range(16)]
+    gpus = [GpuState(0, 46_592, inflight_batches=1), GpuState(1, 46_592, inflight_batches=0)]
+    dispatches, left = _plan("fcfs-fixed", waiting, gpus)
+    assert [d.gpu for d in dispatches] == [1, 0]
+    _check(dispatches, waiting, left)
+
+
+def test_continuous_admits_once_within_budget_and_fcfs_sends_everyone() -> None:
+    waiting = [waiting_request(i, predicted=100, queued_at=float(i), input_tokens=100)
+               for i in range(10)]
+    dispatches, left = _plan("magnus", waiting, [GpuState(0, 1_000, inflight_kv_tokens=200)],
+                             mode="continuous")
+    assert len(dispatches) == 1 and dispatches[0].estimated_service_s == 0.0
+    assert 200 + sum(dispatches[0].held_kv_tokens) <= 1_000
+    assert dispatches[0].kv_demand_tokens == sum(dispatches[0].held_kv_tokens)
+    _check(dispatches, waiting, left)
+    everyone, left = _plan("continuous-fcfs", waiting,
+                           [GpuState(0, 1_000, inflight_kv_tokens=900)], mode="continuous")
+    assert [len(d.members) for d in everyone] == [10] and left == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 400), st.integers(1, 300)), min_size=1, max_size=30),
+       st.integers(0, 3_000), st.integers(500, 4_000),
+       st.sampled_from([n for n, s in POLICIES.items() if "continuous" in s.benchmarked_in]
+                       + ["sjf-predicted", "magnus-no-hrrn"]))
+def test_continuous_plan_admits_what_admit_continuous_admits(
+        rows: list[tuple[int, int]], inflight: int, budget: int, name: str) -> None:
+    """plan's cheap "nothing fits" shortcut never changes admission's answer."""
+    waiting = [waiting_request(i, predicted=p, queued_at=float(i), input_tokens=n)
+               for i, (p, n) in enumerate(rows)]
+    config = PolicyConfig(name=name, engine_mode="continuous")
+    direct = admit_continuous(config, pool_for(config, waiting), GpuSnapshot(0, budget),
+                              inflight, 100.0, ServiceTimeEstimator())
+    dispatches, left = _plan(name, waiting, [GpuState(0, budget, inflight_kv_tokens=inflight)],
+                             mode="continuous")
+    planned = [w for d in dispatches for w in d.members]
+    assert [w.request_id for w in planned] == [w.request_id for w in direct]
+    _check(dispatches, waiting, left)
+
+
+def test_simulator_decides_only_through_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every batch the simulator runs came out of `planning.plan`."""
+    calls: list[int] = []
+    real_plan = planning.plan
+
+    def spy(*args: object, **kwargs: object) -> list[Dispatch]:
+        out = real_plan(*args, **kwargs)  # type: ignore[arg-type]
+        calls.append(len(out))
+        return out
+
+    monkeypatch.setattr(planning, "plan", spy)
+    requests = [SimRequest(f"r{i}", "a", 0.1 * i, 10, 5, 8) for i in range(20)]
+    for mode in ("static", "continuous"):
+        calls.clear()
+        result = simulate(requests, SimConfig(PolicyConfig("magnus", engine_mode=mode)),
+                          FLAT, FixedPredictor(5, 6))
+        assert calls and sum(calls) == len(result.batches), mode
+
+
+def test_simulator_source_holds_no_decision_logic() -> None:
+    """The simulator must not call the policy's decision functions itself (only plan does)."""
+    tree = ast.parse((REPO_ROOT / "bench" / "simulator.py").read_text())
+    decision_functions = {"decide_batch", "admit_continuous", "token_cap", "admission_tokens",
+                          "fcfs_fixed", "adaptive_batches", "fixed_size_batches", "hrrn_pick",
+                          "run_token_cap", "continuation_cap"}
+    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} | {
+        n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    assert not used & decision_functions, f"the simulator decides: {used & decision_functions}"
+    assert "plan" in used
+
