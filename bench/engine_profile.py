@@ -38,7 +38,8 @@ from typing import Any
 import httpx
 
 from bench.cost_model import DEFAULT_CHUNK_TOKENS, DEFAULT_MAX_NUM_SEQS, load_fit
-from services.engine import client as engine
+from services.engine import get_engine
+from services.engine.base import Engine, EngineError
 from shared.settings import REPO_ROOT, LauncherSettings
 
 log = logging.getLogger("magnus.engine_profile")
@@ -83,7 +84,7 @@ async def timed_completion(http: httpx.AsyncClient, model: str, prompt: list[int
     async with http.stream("POST", "/v1/completions", json=body) as resp:
         if resp.status_code != 200:
             detail = (await resp.aread()).decode(errors="replace")[:300]
-            raise engine.EngineError(f"engine answered {resp.status_code}: {detail}")
+            raise EngineError(f"engine answered {resp.status_code}: {detail}")
         async for line in resp.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -190,9 +191,9 @@ async def profile(url: str, model: str, points: Sequence[tuple[int, int]], max_t
     return out
 
 
-async def engine_kv_tokens(url: str) -> int | None:
+async def engine_kv_tokens(engine: Engine, url: str) -> int | None:
     async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-        info = await engine.kv_cache(http)
+        info = await engine.kv_budget(http)
     return None if info is None else info.kv_budget_tokens
 
 
@@ -211,12 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = LauncherSettings()
+    engine = get_engine(settings.engine)  # an unknown MAGNUS_ENGINE fails before start
     machine = machine_info()  # before the engine starts, so the load is everyone else's
     stack = None
     url = args.engine_url
     t0 = time.monotonic()
     if url is None:
-        from services.launcher import Stack, free_port
+        from offline.launcher import Stack, free_port
 
         settings = LauncherSettings(run_dir=REPO_ROOT / "run" / "engine-profile",
                                     ingress_port=free_port(), engine_base_port=free_port())
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         if stack is not None:
             engine.wait_ready(url, settings.engine_ready_timeout_s, alive=alive)
         ready_s = time.monotonic() - t0
-        kv_tokens = asyncio.run(engine_kv_tokens(url))
+        kv_tokens = asyncio.run(engine_kv_tokens(engine, url))
         points, skipped = grid([int(x) for x in args.batch_sizes.split(",")],
                                [int(x) for x in args.prompt_tokens.split(",")],
                                args.max_tokens, kv_tokens)

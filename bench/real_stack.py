@@ -42,8 +42,7 @@ from offline.workload.analysis import load_profile
 from offline.workload.arrivals import azure_trace_arrivals, poisson_arrivals
 from offline.workload.catalog import load_apps, load_records
 from offline.workload.profile import DEFAULT_OUT as PROFILE
-from shared import keys
-from shared.schemas import CompletedEvent
+from shared import streams
 from shared.settings import REPO_ROOT, LauncherSettings
 
 FINAL = {"completed", "failed", "cancelled"}
@@ -101,8 +100,7 @@ async def replay(ingress_url: str, reqs: list[dict[str, Any]], arrivals: list[fl
 def wasted_tokens(r: redis.Redis) -> int:
     """Static batches: slot-steps a finished member spends waiting for the batch's longest one."""
     waste = 0
-    for _, fields in r.xrange(keys.STREAM_COMPLETED):
-        event = CompletedEvent.model_validate_json(fields["event"])
+    for _, event in streams.read_range(r, streams.COMPLETED):
         if event.batch is not None:
             b = event.batch
             waste += b.size * b.max_generated_tokens - b.total_generated_tokens

@@ -24,10 +24,12 @@ from typing import IO
 
 import httpx
 
-from services.engine.client import wait_ready
+from services.engine import get_engine
+from services.engine.base import ServerSpec
+from services.scheduler.registry import get_policy
 from shared import keys
 from shared.redis_conn import connect
-from shared.settings import LauncherSettings, child_environment
+from shared.settings import LauncherSettings, SchedulerSettings, child_environment
 
 log = logging.getLogger("magnus.launcher")
 _PR_SET_PDEATHSIG = 1
@@ -124,6 +126,7 @@ class Stack:
             "MAGNUS_SERVED_MODEL_NAME": s.served_model_name,
             "MAGNUS_MAX_MODEL_LEN": str(s.max_model_len),
             "MAGNUS_GPUS": str(s.gpus),
+            "MAGNUS_ENGINE": s.engine,
             "MAGNUS_ENGINE_MODE": s.engine_mode,
             "MAGNUS_CACHE_DIR": str(s.cache_dir),
             "HF_HUB_OFFLINE": "1",
@@ -146,23 +149,11 @@ class Stack:
     def start_engine(self, gpu: int) -> Child:
         s = self.settings
         engine_dir = s.run_dir / f"engine{gpu}"
-        (engine_dir / "tmp").mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-               "--model", str(s.model_dir), "--served-model-name", s.served_model_name,
-               "--host", "127.0.0.1", "--port", str(s.engine_base_port + gpu),
-               "--dtype", "bfloat16", "--max-model-len", str(s.max_model_len),
-               "--enforce-eager"]
-        env = {
-            **self._common_env(),
-            # vLLM leaves sockets in TMPDIR and caches under VLLM_CACHE_ROOT: keep both in run_dir.
-            "TMPDIR": str(engine_dir / "tmp"),
-            "VLLM_CACHE_ROOT": str(engine_dir / "cache"),
-            "VLLM_CPU_KVCACHE_SPACE": str(s.cpu_kvcache_gib),
-            "VLLM_CPU_OMP_THREADS_BIND": s.cpu_omp_threads_bind,
-            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-            "CUDA_VISIBLE_DEVICES": str(gpu),
-        }
-        return self._spawn(f"engine{gpu}", cmd, env, cwd=engine_dir)
+        (engine_dir / "tmp").mkdir(parents=True, exist_ok=True)  # the server's TMPDIR
+        engine = get_engine(s.engine)
+        spec = ServerSpec.from_settings(s, gpu, work_dir=engine_dir)
+        env = {**self._common_env(), **engine.start_env(spec)}
+        return self._spawn(f"engine{gpu}", engine.start_command(spec), env, cwd=engine_dir)
 
     def start_worker(self, gpu: int) -> Child:
         # Static: one batch at a time (solo pool). Continuous: groups admitted by the scheduler run
@@ -178,6 +169,9 @@ class Stack:
 
     def start(self) -> None:
         s = self.settings
+        # Refuse an unknown policy before starting anything: a scheduler that exits at start-up
+        # would leave a stack that looks ready and never dispatches.
+        get_policy(self.service_env.get("MAGNUS_POLICY") or SchedulerSettings().policy)
         t0 = time.monotonic()
         self.start_redis()
         connect(self.redis_url, s.redis_connect_timeout_s).close()
@@ -191,7 +185,8 @@ class Stack:
                     {**env, "MAGNUS_HOST": "127.0.0.1", "MAGNUS_PORT": str(s.ingress_port)})
         self.ingress_url = f"http://127.0.0.1:{s.ingress_port}"
         for g, engine in enumerate(engines):
-            wait_ready(self.engine_url(g), s.engine_ready_timeout_s, alive=engine.alive)
+            get_engine(s.engine).wait_ready(self.engine_url(g), s.engine_ready_timeout_s,
+                                            alive=engine.alive)
         self.wait_ready(s.engine_ready_timeout_s)
         log.info("stack ready in %.0fs", time.monotonic() - t0)
 

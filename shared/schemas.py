@@ -1,17 +1,41 @@
 """Typed messages for every hop between Magnus processes (JSON on the wire, never pickle).
 
-Each message carries `schema_version` so a process can refuse a message it does not understand
-instead of misreading it.
+Each message carries `schema_version`, and parsing refuses any version but `SCHEMA_VERSION` with
+a `SchemaVersionError`, so a process never misreads a message it does not understand. What readers
+do with a refused stream entry is in `shared/streams.py`.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 SCHEMA_VERSION = 1
+
+
+class SchemaVersionError(ValueError):
+    """A message written for another schema version than the one this process reads.
+
+    Refused rather than read: a field that changed meaning would otherwise be misread silently.
+    """
+
+    def __init__(self, message_type: str, found: int, expected: int = SCHEMA_VERSION) -> None:
+        super().__init__(f"{message_type} has schema_version {found}; this process reads "
+                         f"schema_version {expected}")
+        self.message_type, self.found, self.expected = message_type, found, expected
+
+
+def schema_version_error(exc: ValidationError) -> SchemaVersionError | None:
+    """The version mismatch behind a validation error, if that is what it is (pydantic wraps the
+    validator's exception; a nested message's mismatch names the nested type)."""
+    for error in exc.errors():
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, SchemaVersionError):
+            return cause
+    return None
 
 
 class RequestStatus(enum.StrEnum):
@@ -37,6 +61,29 @@ FINAL_STATUSES = frozenset({RequestStatus.COMPLETED, RequestStatus.FAILED, Reque
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     schema_version: int = SCHEMA_VERSION
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        # Runs for every Message, nested ones included, whenever one is parsed from the wire.
+        if v != SCHEMA_VERSION:
+            raise SchemaVersionError(cls.__name__, v)
+        return v
+
+    @classmethod
+    def parse(cls, raw: str | bytes | Mapping[str, Any]) -> Self:
+        """Parse a wire message (JSON text or a decoded dict); a schema version mismatch, here or
+        in a nested message, raises `SchemaVersionError`, anything else pydantic's
+        `ValidationError` (both are `ValueError`s)."""
+        try:
+            if isinstance(raw, str | bytes):
+                return cls.model_validate_json(raw)
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            version_error = schema_version_error(exc)
+            if version_error is not None:
+                raise version_error from exc
+            raise
 
 
 class SamplingParams(BaseModel):

@@ -25,10 +25,13 @@ class MagnusSettings(BaseSettings):
         validation_alias=AliasChoices("MAGNUS_REDIS_URL", "REDIS_URL"),
     )
     cache_dir: Path = DEFAULT_CACHE_DIR
-    # The served model: a folder of safetensors + tokenizer (see services/engine/model.py).
+    # The served model: a folder of safetensors + tokenizer (see offline/model.py).
     model_dir: Path = DEFAULT_CACHE_DIR / "models" / "SmolLM2-135M-Instruct"
     served_model_name: str = "smollm2-135m-instruct"
     max_model_len: int = Field(default=2048, ge=64)
+    # Which engine serves the model: a name in services/engine/__init__.py's ENGINES (checked
+    # where the engine is first used, since this module does not import services).
+    engine: str = Field(default="vllm", min_length=1)
     # static: a GPU runs one batch at a time, the next starts when all its requests are done (the
     # paper's setting). continuous: the worker keeps the engine fed as capacity frees and vLLM's
     # own continuous batching runs underneath.

@@ -7,8 +7,10 @@ join the same MULTI as the stream write that causes it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
+import redis
 from pydantic import BaseModel
 
 from shared import keys
@@ -76,6 +78,30 @@ def record_result(r: HashWriter, res: RequestResult) -> None:
     # `finished_at` is the stage timestamp of the final status, named the same for both outcomes.
     fields["finished_at"] = repr(res.finished_at)
     record_transition(r, res.request_id, status, res.finished_at, **fields)
+
+
+def record_failed(r: HashWriter, request_id: str, at: float, reason: str) -> None:
+    """A request that failed outside an engine run (its message was refused on a stream, its
+    batch could not be read): final, with the reason the poll API shows."""
+    record_transition(r, request_id, RequestStatus.FAILED, at, finish_reason="error",
+                      error=reason[:500], finished_at=repr(at))
+
+
+def statuses(r: redis.Redis, request_ids: Sequence[str]) -> dict[str, RequestStatus | None]:
+    """Each request's current status (None: no state under that id, e.g. expired), in one round
+    trip."""
+    if not request_ids:
+        return {}
+    lookup = r.pipeline(transaction=False)
+    for rid in request_ids:
+        lookup.hget(keys.request(rid), "status")
+    out: dict[str, RequestStatus | None] = {}
+    for rid, raw in zip(request_ids, lookup.execute(), strict=True):
+        try:
+            out[rid] = None if raw is None else RequestStatus(raw)
+        except ValueError:
+            out[rid] = None
+    return out
 
 
 def record_requeued(r: HashWriter, partial: RequestResult, continuations: int) -> None:

@@ -5,17 +5,20 @@ Tests never use a Redis that happens to run on this machine, and never disturb i
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
 import redis
 
 from offline.launcher import free_port, redis_server_binary
+from services.predictor.features import EMBEDDING_DIM, EmbedderConfig, F32Array
 
 if TYPE_CHECKING:
     from offline.launcher import Stack
@@ -93,6 +96,23 @@ def stack_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackFac
             except ProcessLookupError:
                 continue
             raise AssertionError(f"process group {pgid} survived Stack.stop()")
+
+
+class FakeEmbedder:
+    """Stands in for the sentence-transformers embedder in predictor tests: a deterministic
+    pseudo-random vector per text (same text, same vector), and a count of texts embedded."""
+
+    def __init__(self, config: EmbedderConfig | None = None) -> None:
+        self.config = config or EmbedderConfig()
+        self.texts = 0
+
+    def encode(self, texts: Sequence[str]) -> F32Array:
+        self.texts += len(texts)
+        out = np.empty((len(texts), EMBEDDING_DIM), dtype=np.float32)
+        for i, t in enumerate(texts):
+            seed = int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "big")
+            out[i] = np.random.default_rng(seed).standard_normal(EMBEDDING_DIM)
+        return out
 
 
 class RecordingCelery:

@@ -6,10 +6,14 @@ Tests import these instead of each other: a test module is never a library.
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import httpx
+import numpy as np
 from hypothesis import strategies as st
 
 from bench.simulator import SimRequest
+from services.predictor.rows import Example
 from services.scheduler.policy import WaitingRequest
 from shared.schemas import (
     PredictedRequest,
@@ -69,6 +73,24 @@ def heartbeat(gpu: int, kv_budget_tokens: int = 46_592) -> WorkerHeartbeat:
                            at=time.time())
 
 
+# Two apps whose lengths differ tenfold: a predictor that learns anything separates them.
+LENGTH = {"long": 300, "short": 20}
+
+
+def examples(n_per_app: int, seed: int = 0, prefix: str = "r") -> list[Example]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for app, length in LENGTH.items():
+        for i in range(n_per_app):
+            x = int(rng.integers(10, 200))
+            y = int(max(1, length * rng.uniform(0.8, 1.2)))
+            out.append(Example(app_id=app, user_id=f"{app}:u{i % 3}", instruction=f"do {app}",
+                               input=f"{app} input {i} {x}", input_tokens=x, max_tokens=512,
+                               request_id=f"{prefix}{app}:{i}", generated_tokens=y,
+                               hit_cap=False))
+    return out
+
+
 class FixedPredictor:
     """A simulator length predictor that always says (point, upper), within what the request
     may still generate."""
@@ -79,3 +101,17 @@ class FixedPredictor:
     def predict(self, request: SimRequest, generated_so_far: int) -> tuple[int, int]:
         left = request.max_tokens - generated_so_far
         return min(self.point, left), min(self.upper, left)
+
+
+FINAL = {"completed", "failed", "cancelled"}
+
+
+def poll_until_final(client: httpx.Client, request_id: str, timeout_s: float = 240
+                     ) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        view: dict[str, Any] = client.get(f"/v1/requests/{request_id}").json()
+        if view["status"] in FINAL:
+            return view
+        time.sleep(0.2)
+    raise AssertionError(f"{request_id} not final after {timeout_s}s: {view}")

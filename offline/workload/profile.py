@@ -23,7 +23,8 @@ from pathlib import Path
 import httpx
 
 from offline.workload.catalog import DEFAULT_DIR, load_apps, load_records
-from services.engine import client as engine
+from services.engine import get_engine
+from services.engine.base import ChatRequest
 from shared.schemas import SamplingParams
 from shared.settings import REPO_ROOT, LauncherSettings
 
@@ -56,7 +57,9 @@ def select(per_core_app: int, per_other_app: int, workload: Path = DEFAULT_DIR
 
 
 async def profile(engine_url: str, model: str, todo: list[dict[str, str]], partial: Path,
-                  max_tokens: int, concurrency: int, sampling: SamplingParams) -> None:
+                  max_tokens: int, concurrency: int, sampling: SamplingParams,
+                  engine_name: str = "vllm") -> None:
+    engine = get_engine(engine_name)
     sem = asyncio.Semaphore(concurrency)
     done = 0
     started = time.monotonic()
@@ -66,8 +69,9 @@ async def profile(engine_url: str, model: str, todo: list[dict[str, str]], parti
         async def one(rec: dict[str, str], out: object) -> None:
             nonlocal done
             async with sem:
-                res = await engine.chat(http, model, rec["instruction"], rec["input"],
-                                        max_tokens, sampling)
+                res = await engine.generate(http, model, ChatRequest(
+                    request_id=rec["request_id"], instruction=rec["instruction"],
+                    user_input=rec["input"], max_tokens=max_tokens, sampling=sampling))
             line: dict[str, str | int] = {
                 k: rec[k] for k in ("request_id", "app_id", "family", "split", "user_id")}
             line.update(input_tokens=res.prompt_tokens, generated_tokens=res.completion_tokens,
@@ -144,11 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         stack = Stack(settings.model_copy(update={"run_dir": run_dir}))
         proc = stack.start_engine(0)
         engine_url = stack.engine_url(0)
-        engine.wait_ready(engine_url, settings.engine_ready_timeout_s, alive=proc.alive)
+        get_engine(settings.engine).wait_ready(engine_url, settings.engine_ready_timeout_s,
+                                               alive=proc.alive)
     try:
         if todo:
             asyncio.run(profile(engine_url, settings.served_model_name, todo, partial,
-                                args.max_tokens, args.concurrency, sampling))
+                                args.max_tokens, args.concurrency, sampling, settings.engine))
     finally:
         if stack is not None:
             stack.stop()

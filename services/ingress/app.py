@@ -10,21 +10,24 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import redis
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.engine import get_engine
 from services.ingress.tokens import PromptCounter
-from shared import keys, state
+from shared import keys, state, streams
 from shared.redis_conn import connect
 from shared.schemas import QueuedRequest, RequestStatus, SubmitRequest, SubmitResponse
 from shared.settings import IngressSettings
@@ -63,140 +66,173 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = None
 
 
+@dataclass(frozen=True)
+class IngressState:
+    """What the handlers share, built once at start-up (lifespan) and kept on `app.state`."""
+
+    settings: IngressSettings
+    redis: redis.Redis
+    counter: PromptCounter
+
+
+async def get_ingress(request: Request) -> IngressState:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, too much for a lookup.
+    ingress: IngressState = request.app.state.ingress
+    return ingress
+
+
+Ingress = Annotated[IngressState, Depends(get_ingress)]
+router = APIRouter()
+_ID = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
+
+
+def _valid_id(value: str) -> bool:
+    return _ID.fullmatch(value) is not None
+
+
+def validate_and_build(ingress: IngressState, body: SubmitRequest) -> QueuedRequest:
+    """The queued request, or the `ApiError` naming the field that does not fit."""
+    settings = ingress.settings
+    if body.max_tokens > settings.max_tokens_limit:
+        raise ApiError(422, "max_tokens", f"max_tokens must be at most {settings.max_tokens_limit}")
+    if len(body.input) > settings.max_input_chars:
+        raise ApiError(413, "input", f"input is longer than {settings.max_input_chars} characters")
+    input_tokens = ingress.counter.count(body.instruction, body.input)
+    if input_tokens >= settings.max_model_len:
+        raise ApiError(413, "input", f"prompt is {input_tokens} tokens; the model context is "
+                       f"{settings.max_model_len}")
+    if input_tokens + body.max_tokens > settings.max_model_len:
+        raise ApiError(422, "max_tokens", f"prompt ({input_tokens} tokens) + max_tokens "
+                       f"({body.max_tokens}) exceeds the model context "
+                       f"({settings.max_model_len})")
+    return QueuedRequest(
+        request_id=f"req-{uuid.uuid4().hex}", app_id=body.app_id, user_id=body.user_id,
+        instruction=body.instruction, input=body.input, max_tokens=body.max_tokens,
+        input_tokens=input_tokens, sampling=body.sampling(),
+        true_output_tokens=body.true_output_tokens, queued_at=time.time(),
+    )
+
+
+def enqueue(ingress: IngressState, req: QueuedRequest) -> None:
+    r = ingress.redis
+    if r.zcard(keys.SCHEDULER_WAITING) >= ingress.settings.max_pending_requests:
+        raise ApiError(429, "body", "too many requests waiting; retry later")
+    pipe = r.pipeline(transaction=True)
+    state.record_queued(pipe, req)
+    streams.publish(pipe, streams.INCOMING, req)
+    pipe.hincrby(keys.METRICS, "requests_accepted", 1)
+    pipe.execute()
+
+
+def read_view(ingress: IngressState, request_id: str) -> state.RequestView | None:
+    h = ingress.redis.hgetall(keys.request(request_id))
+    return state.view_from_hash(request_id, h) if h else None
+
+
+@router.post("/v1/requests", status_code=202, response_model=SubmitResponse)
+def submit(body: SubmitRequest, ingress: Ingress) -> SubmitResponse:
+    req = validate_and_build(ingress, body)
+    enqueue(ingress, req)
+    return SubmitResponse(request_id=req.request_id, status=RequestStatus.QUEUED)
+
+
+@router.get("/v1/requests/{request_id}", response_model=state.RequestView)
+def poll(request_id: str, ingress: Ingress) -> state.RequestView | JSONResponse:
+    view = read_view(ingress, request_id)
+    if view is None:
+        return JSONResponse(status_code=404, content={"message": f"no request {request_id}"})
+    return view
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest,
+                           ingress: Ingress) -> dict[str, Any] | JSONResponse:
+    users = [m.content for m in body.messages if m.role == "user"]
+    if not users:
+        raise ApiError(422, "messages", "messages must contain a user message")
+    submit_body = SubmitRequest(
+        app_id=body.model if _valid_id(body.model) else "openai",
+        instruction="\n".join(m.content for m in body.messages if m.role == "system"),
+        input=users[-1], user_id=body.user if body.user and _valid_id(body.user)
+        else "anonymous", max_tokens=body.max_completion_tokens or body.max_tokens or 256,
+        temperature=body.temperature, top_p=body.top_p,
+    )
+    # Tokenizing and Redis calls block: off the event loop.
+    req = await asyncio.to_thread(validate_and_build, ingress, submit_body)
+    await asyncio.to_thread(enqueue, ingress, req)
+    while True:
+        view = await asyncio.to_thread(read_view, ingress, req.request_id)
+        if view is not None and view.is_final:
+            break
+        await asyncio.sleep(0.05)
+    if view.status != RequestStatus.COMPLETED:
+        return JSONResponse(status_code=502, content={
+            "message": f"request {req.request_id} {view.status.value}: {view.error}"})
+    return {
+        "id": req.request_id, "object": "chat.completion", "created": int(req.queued_at),
+        "model": body.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": view.text},
+                     "finish_reason": view.finish_reason}],
+        "usage": {"prompt_tokens": view.input_tokens,
+                  "completion_tokens": view.generated_tokens,
+                  "total_tokens": view.input_tokens + (view.generated_tokens or 0)},
+    }
+
+
+@router.get("/v1/metrics")
+def metrics(ingress: Ingress) -> dict[str, Any]:
+    """Counters by stage and reason (predictor source, continuations, batches) and depths."""
+    r = ingress.redis
+    counters = {k: int(v) for k, v in r.hgetall(keys.METRICS).items()}
+    return {"counters": counters,
+            "waiting": r.zcard(keys.SCHEDULER_WAITING),
+            "incoming_stream": r.xlen(keys.STREAM_INCOMING)}
+
+
+@router.get("/healthz")
+def healthz(ingress: Ingress) -> JSONResponse:
+    try:
+        ingress.redis.ping()
+    except redis.RedisError as exc:
+        return JSONResponse(status_code=503, content={"status": "redis unavailable",
+                                                      "error": str(exc)})
+    return JSONResponse(content={"status": "ok"})
+
+
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = jsonable_encoder(exc.errors())
+    return JSONResponse(status_code=422, content=_error_body(errors))
+
+
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    errors = [{"loc": ["body", exc.field], "msg": exc.message, "type": "value_error"}]
+    return JSONResponse(status_code=exc.status_code, content=_error_body(errors))
+
+
 def create_app(
     settings: IngressSettings | None = None,
     redis_factory: Callable[[IngressSettings], redis.Redis] | None = None,
 ) -> FastAPI:
+    """The app; Redis and the tokenizer are opened when it starts (its lifespan), not here."""
     settings = settings or IngressSettings()
-    holder: dict[str, Any] = {}
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        holder["redis"] = (redis_factory(settings) if redis_factory
-                           else connect(settings.redis_url, settings.redis_connect_timeout_s))
-        holder["counter"] = PromptCounter(settings.model_dir)
-        yield
-        holder["redis"].close()
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        r = (redis_factory(settings) if redis_factory
+             else connect(settings.redis_url, settings.redis_connect_timeout_s))
+        app.state.ingress = IngressState(
+            settings=settings, redis=r,
+            counter=PromptCounter(settings.model_dir, get_engine(settings.engine)))
+        try:
+            yield
+        finally:
+            r.close()
 
     app = FastAPI(title="Magnus", version="0.1.0", lifespan=lifespan)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = jsonable_encoder(exc.errors())
-        return JSONResponse(status_code=422, content=_error_body(errors))
-
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        errors = [{"loc": ["body", exc.field], "msg": exc.message, "type": "value_error"}]
-        return JSONResponse(status_code=exc.status_code, content=_error_body(errors))
-
-    def validate_and_build(body: SubmitRequest) -> QueuedRequest:
-        if body.max_tokens > settings.max_tokens_limit:
-            raise ApiError(422, "max_tokens",
-                           f"max_tokens must be at most {settings.max_tokens_limit}")
-        if len(body.input) > settings.max_input_chars:
-            raise ApiError(413, "input", f"input is longer than {settings.max_input_chars} "
-                           "characters")
-        input_tokens = holder["counter"].count(body.instruction, body.input)
-        if input_tokens >= settings.max_model_len:
-            raise ApiError(413, "input", f"prompt is {input_tokens} tokens; the model context is "
-                           f"{settings.max_model_len}")
-        if input_tokens + body.max_tokens > settings.max_model_len:
-            raise ApiError(422, "max_tokens", f"prompt ({input_tokens} tokens) + max_tokens "
-                           f"({body.max_tokens}) exceeds the model context "
-                           f"({settings.max_model_len})")
-        return QueuedRequest(
-            request_id=f"req-{uuid.uuid4().hex}", app_id=body.app_id, user_id=body.user_id,
-            instruction=body.instruction, input=body.input, max_tokens=body.max_tokens,
-            input_tokens=input_tokens, sampling=body.sampling(),
-            true_output_tokens=body.true_output_tokens, queued_at=time.time(),
-        )
-
-    def enqueue(req: QueuedRequest) -> None:
-        r: redis.Redis = holder["redis"]
-        if r.zcard(keys.SCHEDULER_WAITING) >= settings.max_pending_requests:
-            raise ApiError(429, "body", "too many requests waiting; retry later")
-        pipe = r.pipeline(transaction=True)
-        state.record_queued(pipe, req)
-        pipe.xadd(keys.STREAM_INCOMING, {"request": req.model_dump_json()},
-                  maxlen=keys.STREAM_MAXLEN, approximate=True)
-        pipe.hincrby(keys.METRICS, "requests_accepted", 1)
-        pipe.execute()
-
-    def read_view(request_id: str) -> state.RequestView | None:
-        h = holder["redis"].hgetall(keys.request(request_id))
-        return state.view_from_hash(request_id, h) if h else None
-
-    @app.post("/v1/requests", status_code=202, response_model=SubmitResponse)
-    def submit(body: SubmitRequest) -> SubmitResponse:
-        req = validate_and_build(body)
-        enqueue(req)
-        return SubmitResponse(request_id=req.request_id, status=RequestStatus.QUEUED)
-
-    @app.get("/v1/requests/{request_id}", response_model=state.RequestView)
-    def poll(request_id: str) -> state.RequestView | JSONResponse:
-        view = read_view(request_id)
-        if view is None:
-            return JSONResponse(status_code=404, content={"message": f"no request {request_id}"})
-        return view
-
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest) -> dict[str, Any] | JSONResponse:
-        users = [m.content for m in body.messages if m.role == "user"]
-        if not users:
-            raise ApiError(422, "messages", "messages must contain a user message")
-        submit_body = SubmitRequest(
-            app_id=body.model if _valid_id(body.model) else "openai",
-            instruction="\n".join(m.content for m in body.messages if m.role == "system"),
-            input=users[-1], user_id=body.user if body.user and _valid_id(body.user)
-            else "anonymous", max_tokens=body.max_completion_tokens or body.max_tokens or 256,
-            temperature=body.temperature, top_p=body.top_p,
-        )
-        req = await asyncio.to_thread(validate_and_build, submit_body)
-        await asyncio.to_thread(enqueue, req)
-        while True:
-            view = await asyncio.to_thread(read_view, req.request_id)
-            if view is not None and view.is_final:
-                break
-            await asyncio.sleep(0.05)
-        if view.status != RequestStatus.COMPLETED:
-            return JSONResponse(status_code=502, content={
-                "message": f"request {req.request_id} {view.status.value}: {view.error}"})
-        return {
-            "id": req.request_id, "object": "chat.completion", "created": int(req.queued_at),
-            "model": body.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": view.text},
-                         "finish_reason": view.finish_reason}],
-            "usage": {"prompt_tokens": view.input_tokens,
-                      "completion_tokens": view.generated_tokens,
-                      "total_tokens": view.input_tokens + (view.generated_tokens or 0)},
-        }
-
-    @app.get("/v1/metrics")
-    def metrics() -> dict[str, Any]:
-        """Counters by stage and reason (predictor source, continuations, batches) and depths."""
-        r: redis.Redis = holder["redis"]
-        counters = {k: int(v) for k, v in r.hgetall(keys.METRICS).items()}
-        return {"counters": counters,
-                "waiting": r.zcard(keys.SCHEDULER_WAITING),
-                "incoming_stream": r.xlen(keys.STREAM_INCOMING)}
-
-    @app.get("/healthz")
-    def healthz() -> JSONResponse:
-        try:
-            holder["redis"].ping()
-        except redis.RedisError as exc:
-            return JSONResponse(status_code=503, content={"status": "redis unavailable",
-                                                          "error": str(exc)})
-        return JSONResponse(content={"status": "ok"})
-
+    app.exception_handler(RequestValidationError)(_validation_error)
+    app.exception_handler(ApiError)(_api_error)
+    app.include_router(router)
     return app
-
-
-def _valid_id(value: str) -> bool:
-    import re
-
-    return re.fullmatch(r"[A-Za-z0-9._:@/-]{1,128}", value) is not None
 
 
 def main() -> int:

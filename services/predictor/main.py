@@ -37,17 +37,11 @@ from services.predictor.model import (
 )
 from services.predictor.pipeline import Caches, retrain
 from services.predictor.rows import Example, PredictRow
-from shared import keys, state
+from shared import keys, state, streams
 from shared.lifecycle import start_service
 from shared.redis_conn import connect
-from shared.schemas import (
-    CompletedEvent,
-    PredictedRequest,
-    Prediction,
-    QueuedRequest,
-)
+from shared.schemas import PredictedRequest, Prediction
 from shared.settings import REPO_ROOT, PredictorSettings
-from shared.streams import GroupReader
 
 log = logging.getLogger("magnus.predictor")
 EmbedderFactory = Callable[[EmbedderConfig], Embedder]
@@ -101,9 +95,9 @@ class PredictorService:
                  embedder_factory: EmbedderFactory | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.r, self.settings, self.clock = r, settings, clock
-        self.incoming = GroupReader(r, keys.STREAM_INCOMING, keys.GROUP_PREDICTOR, consumer)
-        self.completed = GroupReader(r, keys.STREAM_COMPLETED, keys.GROUP_PREDICTOR_TRAINING,
-                                     consumer)
+        self.incoming = streams.StreamReader(r, streams.INCOMING, keys.GROUP_PREDICTOR, consumer)
+        self.completed = streams.StreamReader(r, streams.COMPLETED,
+                                              keys.GROUP_PREDICTOR_TRAINING, consumer)
         self._embedder_factory = embedder_factory or sentence_embedder(settings)
         self._embedder: Embedder | None = None
         self._embedder_lock = threading.Lock()
@@ -182,7 +176,7 @@ class PredictorService:
         if not entries:
             return 0
         predictor = self.predictor  # one model for the whole batch, even if a swap happens now
-        reqs = [QueuedRequest.model_validate_json(fields["request"]) for _, fields in entries]
+        reqs = [req for _, req in entries]
         # A continuation's prompt has grown by its output so far: the model wants the original.
         rows = [PredictRow(q.app_id, q.user_id, q.instruction, q.input,
                            max(q.input_tokens - q.generated_so_far, 1), q.max_tokens,
@@ -198,11 +192,8 @@ class PredictorService:
             )
             state.record_predicted(pipe, prediction)
             sources[source.value] += 1
-            pipe.xadd(
-                keys.STREAM_PREDICTED,
-                {"request": PredictedRequest(request=req, prediction=prediction).model_dump_json()},
-                maxlen=keys.STREAM_MAXLEN, approximate=True,
-            )
+            streams.publish(pipe, streams.PREDICTED,
+                            PredictedRequest(request=req, prediction=prediction))
         for source_name, n in sources.items():
             pipe.hincrby(keys.METRICS, f"predictions:{source_name}", n)
         self.incoming.ack(pipe, [entry_id for entry_id, _ in entries])
@@ -217,8 +208,7 @@ class PredictorService:
         entries = self.completed.read(256, block_ms=1)
         if entries:
             results = []
-            for _, fields in entries:
-                event = CompletedEvent.model_validate_json(fields["event"])
+            for _, event in entries:
                 # A requeued run's result is partial: its final result comes later.
                 if event.kind == "request" and event.result is not None and \
                         event.result.finish_reason != "error":

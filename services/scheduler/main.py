@@ -17,26 +17,23 @@ import uuid
 from collections.abc import Callable
 
 import redis
-from celery import Celery
 
 from services.scheduler import planning, policy
 from services.scheduler.estimator import ServiceRecord, ServiceTimeEstimator
-from services.worker.celery_app import RUN_BATCH_TASK, make_celery
-from shared import keys, state
+from shared import keys, state, streams
 from shared.lifecycle import start_service
 from shared.redis_conn import connect
 from shared.schemas import (
     Batch,
     BatchItem,
     BatchRecord,
-    CompletedEvent,
     PredictedRequest,
     RequestResult,
     RequestStatus,
     WorkerHeartbeat,
 )
 from shared.settings import SchedulerSettings
-from shared.streams import GroupReader
+from shared.tasks import TaskSender, make_celery, send_batch
 
 log = logging.getLogger("magnus.scheduler")
 
@@ -61,11 +58,13 @@ def policy_config(settings: SchedulerSettings) -> policy.PolicyConfig:
 
 
 class Scheduler:
-    def __init__(self, r: redis.Redis, celery: Celery, settings: SchedulerSettings,
+    def __init__(self, r: redis.Redis, celery: TaskSender, settings: SchedulerSettings,
                  instance_id: str) -> None:
         self.r, self.celery, self.settings, self.instance_id = r, celery, settings, instance_id
-        self.predicted = GroupReader(r, keys.STREAM_PREDICTED, keys.GROUP_SCHEDULER, instance_id)
-        self.completed = GroupReader(r, keys.STREAM_COMPLETED, keys.GROUP_SCHEDULER, instance_id)
+        self.predicted = streams.StreamReader(r, streams.PREDICTED, keys.GROUP_SCHEDULER,
+                                              instance_id)
+        self.completed = streams.StreamReader(r, streams.COMPLETED, keys.GROUP_SCHEDULER,
+                                              instance_id)
         self.config = policy_config(settings)
         self.pool: dict[str, PredictedRequest] = {}
         # The same requests as `pool`, kept sorted by planned length for the policy.
@@ -97,15 +96,28 @@ class Scheduler:
         self.sorted_pool = policy.pool_for(self.config)
         self.estimator = ServiceTimeEstimator()
         for raw in self.r.lrange(keys.BATCH_RECORDS, 0, -1):
-            self.estimator.observe(ServiceRecord.from_batch_record(
-                BatchRecord.model_validate_json(raw)))
+            try:
+                record = BatchRecord.parse(raw)
+            except ValueError as exc:  # a record of another version only teaches less
+                log.warning("skipping an unreadable batch record: %s", exc)
+                continue
+            self.estimator.observe(ServiceRecord.from_batch_record(record))
         ids = self.r.zrange(keys.SCHEDULER_WAITING, 0, -1)
         payloads = self.r.mget([keys.request_payload(i) for i in ids]) if ids else []
         for request_id, payload in zip(ids, payloads, strict=True):
             if payload is None:  # expired or already dispatched: nothing left to schedule
                 self.r.zrem(keys.SCHEDULER_WAITING, request_id)
                 continue
-            self.pool[request_id] = PredictedRequest.model_validate_json(payload)
+            try:
+                self.pool[request_id] = PredictedRequest.parse(payload)
+            except ValueError as exc:  # another schema version, or corrupt: fail it, visibly
+                log.error("waiting request %s unreadable: %s", request_id, exc)
+                pipe = self.r.pipeline(transaction=True)
+                state.record_failed(pipe, request_id, time.time(),
+                                    f"scheduler could not read the waiting request: {exc}")
+                pipe.zrem(keys.SCHEDULER_WAITING, request_id)
+                pipe.delete(keys.request_payload(request_id))
+                pipe.execute()
         self.sorted_pool.add_many([to_waiting(p) for p in self.pool.values()])
         self.inflight = {
             gpu: {bid: Batch.model_validate_json(b)
@@ -129,14 +141,13 @@ class Scheduler:
         if not entries:
             return 0
         pipe = self.r.pipeline(transaction=True)
-        for _, fields in entries:
-            p = PredictedRequest.model_validate_json(fields["request"])
+        for _, p in entries:
             rid = p.request.request_id
             if rid in self.pool:  # a replayed entry: already waiting
                 continue
             self.pool[rid] = p
             self.sorted_pool.add(to_waiting(p))
-            pipe.set(keys.request_payload(rid), fields["request"], ex=keys.REQUEST_TTL_S)
+            pipe.set(keys.request_payload(rid), p.model_dump_json(), ex=keys.REQUEST_TTL_S)
             pipe.zadd(keys.SCHEDULER_WAITING, {rid: p.request.queued_at})
         self.predicted.ack(pipe, [eid for eid, _ in entries])
         pipe.execute()
@@ -147,8 +158,7 @@ class Scheduler:
         if not entries:
             return 0
         pipe = self.r.pipeline(transaction=True)
-        for _, fields in entries:
-            event = CompletedEvent.model_validate_json(fields["event"])
+        for _, event in entries:
             if event.result is not None:
                 self.inflight_kv.get(event.result.gpu, {}).pop(event.result.request_id, None)
             if event.batch is not None:
@@ -214,8 +224,7 @@ class Scheduler:
                                     batch_id=batch.batch_id, gpu=batch.gpu)
         pipe.hincrby(keys.METRICS, "batches_dispatched", 1)
         pipe.execute()
-        self.celery.send_task(RUN_BATCH_TASK, args=[batch.model_dump_json()],
-                              queue=keys.celery_queue(batch.gpu))
+        send_batch(self.celery, batch)
         log.info("batch %s -> gpu %d: %d requests", batch.batch_id[:8], batch.gpu,
                  len(batch.items))
 

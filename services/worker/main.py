@@ -1,8 +1,16 @@
 """The GPU worker process: a Celery worker on queue `gpu.<n>` beside one engine server.
 
-    celery -A services.worker.main worker -Q gpu.0 --pool solo -c 1
+    celery -A services.worker.main worker -Q gpu.0 --pool solo -c 1        (static mode)
+    celery -A services.worker.main worker -Q gpu.0 --pool threads -c 64    (continuous mode)
 
-A heartbeat thread publishes the engine's real KV-cache budget (read from its /metrics) so the
+Importing this module only builds the Celery app (`celery -A` needs `app` at import). Everything
+else (settings validation, the Redis connection, the engine) is made in Celery's `worker_init`
+signal, which fires in the worker's own process before it consumes anything, and held in one
+`WorkerContext`; the heartbeat starts on `worker_ready` and stops on `worker_shutdown`. The solo and
+threads pools the launcher uses run tasks in that same process (`worker_process_init` fires only
+in prefork children, which Magnus does not use: its busy flag and heartbeat are per process).
+
+A heartbeat thread publishes the engine's real KV-cache budget (read from the engine itself) so the
 scheduler sizes batches to what this GPU holds.
 """
 
@@ -12,85 +20,145 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from celery.signals import worker_ready, worker_shutdown
+import redis
+from celery.signals import worker_init, worker_ready, worker_shutdown
 
-from services.engine import client as engine
-from services.worker.celery_app import RUN_BATCH_TASK, make_celery
+from services.engine import get_engine
+from services.engine.base import Engine, KVCacheInfo
 from services.worker.runner import run_batch_sync
 from shared import keys
 from shared.redis_conn import connect
-from shared.schemas import WorkerHeartbeat
-from shared.settings import WorkerSettings
+from shared.schemas import BatchRecord, WorkerHeartbeat
+from shared.settings import MagnusSettings, WorkerSettings
+from shared.tasks import RUN_BATCH_TASK, make_celery
 
 log = logging.getLogger("magnus.worker")
-logging.getLogger("httpx").setLevel(logging.WARNING)
-settings = WorkerSettings()
-app = make_celery(settings.redis_url)
-_redis = connect(settings.redis_url, settings.redis_connect_timeout_s)
-_running_tasks = 0
-_running_lock = threading.Lock()
-_stop = threading.Event()
+
+
+@dataclass
+class WorkerContext:
+    """What a running worker holds: its settings, Redis, its engine and the heartbeat's state."""
+
+    settings: WorkerSettings
+    redis: redis.Redis
+    engine: Engine
+    stop: threading.Event = field(default_factory=threading.Event, init=False)
+    # Tasks running now: several at once in the threads pool (continuous mode).
+    running_tasks: int = field(default=0, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _heartbeat: threading.Thread | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def create(cls, settings: WorkerSettings | None = None) -> WorkerContext:
+        """Validate settings (fail fast at start-up), pick the engine and wait for Redis."""
+        settings = settings or WorkerSettings()
+        engine = get_engine(settings.engine)
+        r = connect(settings.redis_url, settings.redis_connect_timeout_s)
+        return cls(settings=settings, redis=r, engine=engine)
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return self.running_tasks > 0
+
+    def run_batch(self, payload: str | bytes | Mapping[str, Any]) -> BatchRecord:
+        s = self.settings
+        with self._lock:
+            self.running_tasks += 1
+        try:
+            return run_batch_sync(self.redis, self.engine, s.engine_url, s.served_model_name,
+                                  payload, s.engine_timeout_s)
+        finally:
+            with self._lock:
+                self.running_tasks -= 1
+
+    def kv_info(self) -> KVCacheInfo | None:
+        async def fetch() -> KVCacheInfo | None:
+            async with httpx.AsyncClient(base_url=self.settings.engine_url, timeout=10.0) as http:
+                return await self.engine.kv_budget(http)
+
+        return asyncio.run(fetch())
+
+    def beat(self, kv: KVCacheInfo | None) -> None:
+        s = self.settings
+        if kv is None and s.kv_budget_tokens_override is None:
+            raise RuntimeError("the engine reports no KV cache and no override is set")
+        budget = s.kv_budget_tokens_override or (kv.kv_budget_tokens if kv else 0)
+        beat = WorkerHeartbeat(
+            gpu=s.gpu,
+            engine_url=s.engine_url,
+            model=s.served_model_name,
+            kv_budget_tokens=budget,
+            kv_block_size=kv.block_size if kv else 0,
+            kv_num_blocks=kv.num_blocks if kv else 0,
+            max_model_len=s.max_model_len,
+            busy=self.busy,
+            at=time.time(),
+        )
+        self.redis.set(keys.worker_heartbeat(s.gpu), beat.model_dump_json(),
+                       ex=keys.HEARTBEAT_TTL_S)
+
+    def _heartbeat_loop(self) -> None:
+        kv: KVCacheInfo | None = None
+        while not self.stop.is_set():
+            try:
+                if kv is None:
+                    kv = self.kv_info()
+                self.beat(kv)
+            except Exception as exc:  # keep beating through transient engine/redis errors
+                log.warning("heartbeat failed: %s", exc)
+            self.stop.wait(self.settings.heartbeat_s)
+
+    def start_heartbeat(self) -> None:
+        if self._heartbeat is None:
+            self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat",
+                                               daemon=True)
+            self._heartbeat.start()
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        # The scheduler stops sending to this GPU at once instead of when the heartbeat expires.
+        self.redis.delete(keys.worker_heartbeat(self.settings.gpu))
+        self.redis.close()
+
+
+# `celery -A` needs the app, so its broker URL, at import; creating it connects to nothing. The
+# worker's own settings are checked in `worker_init`.
+app = make_celery(MagnusSettings().redis_url)
+_context: WorkerContext | None = None
+
+
+def context() -> WorkerContext:
+    if _context is None:
+        raise RuntimeError("worker not started: its context is made in Celery's worker_init")
+    return _context
 
 
 @app.task(name=RUN_BATCH_TASK)  # type: ignore[untyped-decorator]
 def run_batch(payload: str) -> dict[str, Any]:
-    global _running_tasks
-    with _running_lock:
-        _running_tasks += 1
-    try:
-        record = run_batch_sync(_redis, settings.engine_url, settings.served_model_name, payload,
-                                settings.engine_timeout_s)
-    finally:
-        with _running_lock:
-            _running_tasks -= 1
+    record = context().run_batch(payload)
     log.info("batch %s: %d requests in %.2fs", record.batch_id, record.size, record.measured_s)
     return {"batch_id": record.batch_id, "measured_s": record.measured_s}
 
 
-def _kv_info() -> engine.KVCacheInfo | None:
-    async def fetch() -> engine.KVCacheInfo | None:
-        async with httpx.AsyncClient(base_url=settings.engine_url, timeout=10.0) as http:
-            return await engine.kv_cache(http)
-
-    return asyncio.run(fetch())
-
-
-def _heartbeat_loop() -> None:
-    kv: engine.KVCacheInfo | None = None
-    while not _stop.is_set():
-        try:
-            if kv is None:
-                kv = _kv_info()
-            if kv is None and settings.kv_budget_tokens_override is None:
-                raise RuntimeError("engine /metrics reports no KV cache and no override is set")
-            budget = settings.kv_budget_tokens_override or (kv.kv_budget_tokens if kv else 0)
-            beat = WorkerHeartbeat(
-                gpu=settings.gpu,
-                engine_url=settings.engine_url,
-                model=settings.served_model_name,
-                kv_budget_tokens=budget,
-                kv_block_size=kv.block_size if kv else 0,
-                kv_num_blocks=kv.num_blocks if kv else 0,
-                max_model_len=settings.max_model_len,
-                busy=_running_tasks > 0,
-                at=time.time(),
-            )
-            _redis.set(keys.worker_heartbeat(settings.gpu), beat.model_dump_json(),
-                       ex=keys.HEARTBEAT_TTL_S)
-        except Exception as exc:  # keep beating through transient engine/redis errors
-            log.warning("heartbeat failed: %s", exc)
-        _stop.wait(settings.heartbeat_s)
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _init_worker(**_: Any) -> None:
+    global _context
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    _context = WorkerContext.create()
 
 
 @worker_ready.connect  # type: ignore[untyped-decorator]
 def _start_heartbeat(**_: Any) -> None:
-    threading.Thread(target=_heartbeat_loop, name="heartbeat", daemon=True).start()
+    context().start_heartbeat()
 
 
 @worker_shutdown.connect  # type: ignore[untyped-decorator]
 def _stop_heartbeat(**_: Any) -> None:
-    _stop.set()
-    _redis.delete(keys.worker_heartbeat(settings.gpu))
+    if _context is not None:
+        _context.shutdown()

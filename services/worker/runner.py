@@ -8,15 +8,17 @@ posted as soon as it finishes; the batch record is posted last.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
 import redis
 
-from services.engine import client as engine
-from shared import keys, state
+from services.engine.base import ChatRequest, Engine, EngineError
+from shared import keys, state, streams
 from shared.schemas import (
     Batch,
     BatchItem,
@@ -26,6 +28,7 @@ from shared.schemas import (
     RequestResult,
     RequestStatus,
 )
+from shared.tasks import parse_batch
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +40,11 @@ def post_event(r: redis.Redis, event: CompletedEvent,
     pipe = r.pipeline(transaction=True)
     if event.result is not None and continuation is not None:
         state.record_requeued(pipe, event.result, continuation.continuations)
-        pipe.xadd(keys.STREAM_INCOMING, {"request": continuation.model_dump_json()},
-                  maxlen=keys.STREAM_MAXLEN, approximate=True)
+        streams.publish(pipe, streams.INCOMING, continuation)
         pipe.hincrby(keys.METRICS, "continuations", 1)
     elif event.result is not None:
         state.record_result(pipe, event.result)
-    pipe.xadd(
-        keys.STREAM_COMPLETED,
-        {"event": event.model_dump_json()},
-        maxlen=keys.STREAM_MAXLEN,
-        approximate=True,
-    )
+    streams.publish(pipe, streams.COMPLETED, event)
     pipe.execute()
 
 
@@ -65,15 +62,17 @@ def continuation_of(req: QueuedRequest, result: RequestResult) -> QueuedRequest 
 
 
 async def _run_item(
-    http: httpx.AsyncClient, model: str, batch: Batch, item: BatchItem
+    engine: Engine, http: httpx.AsyncClient, model: str, batch: Batch, item: BatchItem
 ) -> RequestResult:
     req = item.request
     started = time.time()
+    chat = ChatRequest(request_id=req.request_id, instruction=req.instruction,
+                       user_input=req.input,
+                       max_tokens=min(item.max_tokens, req.remaining_max_tokens),
+                       sampling=req.sampling, continuation=req.continuation)
     try:
-        out = await engine.chat(http, model, req.instruction, req.input,
-                                min(item.max_tokens, req.remaining_max_tokens), req.sampling,
-                                continuation=req.continuation)
-    except (httpx.HTTPError, engine.EngineError, ValueError) as exc:
+        out = await engine.generate(http, model, chat)
+    except (httpx.HTTPError, EngineError, ValueError) as exc:
         log.warning("request %s failed on the engine: %s", req.request_id, exc)
         return RequestResult(
             request_id=req.request_id, batch_id=batch.batch_id, gpu=batch.gpu,
@@ -96,7 +95,7 @@ async def _run_item(
 
 
 async def run_batch(
-    r: redis.Redis, engine_url: str, model: str, batch: Batch, timeout_s: float
+    r: redis.Redis, engine: Engine, engine_url: str, model: str, batch: Batch, timeout_s: float
 ) -> BatchRecord:
     started = time.time()
     pipe = r.pipeline(transaction=True)
@@ -109,7 +108,7 @@ async def run_batch(
     async with httpx.AsyncClient(base_url=engine_url, timeout=timeout_s, limits=limits) as http:
 
         async def run_and_post(item: BatchItem) -> RequestResult:
-            result = await _run_item(http, model, batch, item)
+            result = await _run_item(engine, http, model, batch, item)
             continuation = continuation_of(item.request, result)
             kind = "requeued" if continuation is not None else "request"
             # Redis calls are quick; run them in a thread so other streams keep flowing.
@@ -141,8 +140,47 @@ async def run_batch(
     return record
 
 
-def run_batch_sync(r: redis.Redis, engine_url: str, model: str, payload: str | dict[str, Any],
-                   timeout_s: float) -> BatchRecord:
-    batch = (Batch.model_validate_json(payload) if isinstance(payload, str)
-             else Batch.model_validate(payload))
-    return asyncio.run(run_batch(r, engine_url, model, batch, timeout_s))
+def batch_request_ids(payload: str | bytes | Mapping[str, Any]) -> list[str]:
+    """The request ids an unreadable batch payload still names (best effort)."""
+    try:
+        raw: Any = json.loads(payload) if isinstance(payload, str | bytes) else payload
+        items = raw.get("items") if isinstance(raw, Mapping) else None
+    except ValueError:
+        return []
+    ids = []
+    for item in items if isinstance(items, list) else []:
+        request = item.get("request") if isinstance(item, Mapping) else None
+        rid = request.get("request_id") if isinstance(request, Mapping) else None
+        if isinstance(rid, str) and rid:
+            ids.append(rid)
+    return ids
+
+
+def fail_unreadable_batch(r: redis.Redis, payload: str | bytes | Mapping[str, Any],
+                          error: ValueError) -> list[str]:
+    """A batch this worker cannot read (another schema version, malformed): fail the requests it
+    names that are still open, with the reason, rather than leave them running. The scheduler
+    frees the batch's GPU slot at its batch timeout. Returns the failed ids."""
+    ids = batch_request_ids(payload)
+    current = state.statuses(r, ids)
+    open_ids = [rid for rid in ids if (s := current[rid]) is not None and not s.is_final]
+    now = time.time()
+    pipe = r.pipeline(transaction=True)
+    for rid in open_ids:
+        state.record_failed(pipe, rid, now, f"the worker could not read its batch: {error}")
+    pipe.hincrby(keys.METRICS, "refused:batch", 1)
+    pipe.execute()
+    log.error("refused a batch (%d requests named, %d failed): %s", len(ids), len(open_ids),
+              error)
+    return open_ids
+
+
+def run_batch_sync(r: redis.Redis, engine: Engine, engine_url: str, model: str,
+                   payload: str | bytes | Mapping[str, Any], timeout_s: float) -> BatchRecord:
+    try:
+        batch = parse_batch(payload)
+    except ValueError as exc:
+        fail_unreadable_batch(r, payload, exc)
+        # Raised, not retried: Celery acknowledges a failed task, so it cannot come back.
+        raise
+    return asyncio.run(run_batch(r, engine, engine_url, model, batch, timeout_s))

@@ -3,40 +3,25 @@ predictions moving toward the new lengths. Drives the service's loop methods dir
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import pytest
 import redis
 
-from services.predictor.features import EMBEDDING_DIM, EmbedderConfig, F32Array
+from services.predictor.features import EmbedderConfig
 from services.predictor.main import PredictorService
 from services.predictor.model import ModelConfig, fit_model, save_artifact
 from services.predictor.pipeline import Caches, embed_examples, fit_projections, labeled
-from shared import keys, state
+from shared import keys, state, streams
 from shared.schemas import CompletedEvent, PredictedRequest, QueuedRequest, RequestResult
 from shared.settings import PredictorSettings
+from tests.conftest import FakeEmbedder
+from tests.factories import examples
 
 pytestmark = pytest.mark.integration
-
-
-class FakeEmbedder:
-    def __init__(self, config: EmbedderConfig) -> None:
-        self.config = config
-        self.texts = 0
-
-    def encode(self, texts: Sequence[str]) -> F32Array:
-        self.texts += len(texts)
-        out = np.empty((len(texts), EMBEDDING_DIM), dtype=np.float32)
-        for i, t in enumerate(texts):
-            seed = int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "big")
-            out[i] = np.random.default_rng(seed).standard_normal(EMBEDDING_DIM)
-        return out
 
 
 def settings_for(redis_url: str, tmp_path: Path, artifact: Path | None = None
@@ -56,7 +41,7 @@ def queued(i: int, app: str = "chat", tag: str = "") -> QueuedRequest:
 
 def submit(r: redis.Redis, req: QueuedRequest) -> None:
     state.record_queued(r, req)
-    r.xadd(keys.STREAM_INCOMING, {"request": req.model_dump_json()})
+    streams.publish(r, streams.INCOMING, req)
 
 
 def complete(r: redis.Redis, req: QueuedRequest, generated: int,
@@ -66,7 +51,7 @@ def complete(r: redis.Redis, req: QueuedRequest, generated: int,
                         input_tokens=req.input_tokens, generated_tokens=generated,
                         finish_reason="stop", started_at=now, finished_at=now)
     event = CompletedEvent(kind=kind, result=res)
-    r.xadd(keys.STREAM_COMPLETED, {"event": event.model_dump_json()})
+    streams.publish(r, streams.COMPLETED, event)
 
 
 def predict_one(svc: PredictorService, r: redis.Redis, req: QueuedRequest) -> PredictedRequest:
@@ -143,7 +128,6 @@ def test_partial_results_are_not_learned(redis_client: redis.Redis, redis_url: s
 
 def test_artifact_at_start_then_online_retrain(redis_client: redis.Redis, redis_url: str,
                                                tmp_path: Path) -> None:
-    from tests.unit.test_predictor_model import examples
 
     r = redis_client
     config = ModelConfig(app_dims=4, user_dims=4, n_estimators=60, max_depth=3, threads=1)

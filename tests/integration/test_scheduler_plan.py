@@ -11,7 +11,7 @@ import redis
 
 from services.scheduler import planning
 from services.scheduler.main import Scheduler
-from shared import keys
+from shared import keys, streams
 from shared.schemas import Batch
 from shared.settings import SchedulerSettings
 from tests.conftest import RecordingCelery
@@ -39,8 +39,7 @@ def test_the_loop_sends_exactly_what_plan_returns(
     scheduler = Scheduler(redis_client, recording_celery, settings, instance_id="plan-test")
     assert scheduler.hold_leadership()
     for i in range(12):
-        redis_client.xadd(keys.STREAM_PREDICTED,
-                          {"request": predicted_request(i).model_dump_json()})
+        streams.publish(redis_client, streams.PREDICTED, predicted_request(i))
     for gpu in (0, 1):
         redis_client.set(keys.worker_heartbeat(gpu), heartbeat(gpu, 4_096).model_dump_json(),
                          ex=keys.HEARTBEAT_TTL_S)

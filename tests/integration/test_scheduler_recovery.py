@@ -9,38 +9,17 @@ import pytest
 import redis
 
 from services.scheduler.main import Scheduler
-from shared import keys
-from shared.schemas import (
-    PredictedRequest,
-    Prediction,
-    PredictorSource,
-    QueuedRequest,
-    WorkerHeartbeat,
-)
+from shared import keys, streams
 from shared.settings import SchedulerSettings
 from tests.conftest import RecordingCelery
+from tests.factories import heartbeat, predicted_request
 
 pytestmark = pytest.mark.integration
 
 
-def _predicted(i: int) -> PredictedRequest:
-    req = QueuedRequest(request_id=f"req-{i}", app_id="a", user_id="u", instruction="",
-                        input="x", max_tokens=64, input_tokens=10 + i, queued_at=100.0 + i)
-    pred = Prediction(request_id=req.request_id, predicted_tokens=20, upper_tokens=30,
-                      model_version="t", source=PredictorSource.DEFAULT, predicted_at=101.0 + i)
-    return PredictedRequest(request=req, prediction=pred)
-
-
 def _publish(r: redis.Redis, n: int) -> None:
     for i in range(n):
-        r.xadd(keys.STREAM_PREDICTED, {"request": _predicted(i).model_dump_json()})
-
-
-def _beat(r: redis.Redis, gpu: int) -> None:
-    beat = WorkerHeartbeat(gpu=gpu, engine_url="http://x", model="m", kv_budget_tokens=46592,
-                           kv_block_size=128, kv_num_blocks=364, max_model_len=2048, busy=False,
-                           at=time.time())
-    r.set(keys.worker_heartbeat(gpu), beat.model_dump_json(), ex=keys.HEARTBEAT_TTL_S)
+        streams.publish(r, streams.PREDICTED, predicted_request(i))
 
 
 def _scheduler(redis_url: str, r: redis.Redis, celery: RecordingCelery, name: str) -> Scheduler:
@@ -61,7 +40,7 @@ def test_standby_takes_over_rebuilds_and_dispatches_each_request_once(
     assert len(first.pool) == 5
     # The leader reads three more, then dies before acknowledging them (no GPU yet: no dispatch).
     for i in range(5, 8):
-        redis_client.xadd(keys.STREAM_PREDICTED, {"request": _predicted(i).model_dump_json()})
+        streams.publish(redis_client, streams.PREDICTED, predicted_request(i))
     first.predicted.read(count=3, block_ms=10)
     assert recording_celery.sent == []
 
@@ -71,7 +50,8 @@ def test_standby_takes_over_rebuilds_and_dispatches_each_request_once(
     standby.ingest(block_ms=10)  # and the unacknowledged entries are claimed, not lost
     assert sorted(standby.pool) == sorted(f"req-{i}" for i in range(8))
 
-    _beat(redis_client, 0)
+    redis_client.set(keys.worker_heartbeat(0), heartbeat(0).model_dump_json(),
+                     ex=keys.HEARTBEAT_TTL_S)
     standby.tick(time.time, block_ms=10)
     standby.tick(time.time, block_ms=10)  # GPU 0 is busy: nothing more is sent
     dispatched = [rid for _, args, _ in recording_celery.sent for rid in _ids(args[0])]

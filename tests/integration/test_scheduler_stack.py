@@ -14,7 +14,7 @@ from offline.launcher import Stack
 from offline.model import build_tiny
 from shared import keys
 from tests.conftest import StackFactory
-from tests.integration.test_stack_end_to_end import poll_until_final
+from tests.factories import poll_until_final
 
 pytestmark = [pytest.mark.integration, pytest.mark.engine]
 

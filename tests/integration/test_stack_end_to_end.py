@@ -7,9 +7,7 @@ import concurrent.futures as cf
 import csv
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -20,28 +18,15 @@ from offline.model import SMOLLM2_DIR
 from shared import keys
 from shared.settings import REPO_ROOT
 from tests.conftest import StackFactory
+from tests.factories import poll_until_final
 
 pytestmark = [pytest.mark.integration, pytest.mark.engine]
-
-FINAL = {"completed", "failed", "cancelled"}
-
 
 @pytest.fixture(scope="module")
 def stack(stack_factory: StackFactory) -> Stack:
     # The walking system's first policy: fixed batches of 8 (magnus runs in test_scheduler_stack).
     return stack_factory(SMOLLM2_DIR, service_env={"MAGNUS_POLICY": "fcfs-fixed",
                                                    "MAGNUS_BATCH_SIZE": "8"})
-
-
-def poll_until_final(client: httpx.Client, request_id: str, timeout_s: float = 240
-                     ) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        view: dict[str, Any] = client.get(f"/v1/requests/{request_id}").json()
-        if view["status"] in FINAL:
-            return view
-        time.sleep(0.2)
-    raise AssertionError(f"{request_id} not final after {timeout_s}s: {view}")
 
 
 def test_smollm2_names_the_capital_of_france(stack: Stack) -> None:

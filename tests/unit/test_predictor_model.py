@@ -3,8 +3,6 @@ continuations, calibration and the artifact round trip."""
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.predictor.features import EMBEDDING_DIM, EmbedderConfig, F32Array
+from services.predictor.features import EmbedderConfig
 from services.predictor.linear import LengthSample
 from services.predictor.model import (
     FittedModel,
@@ -27,38 +25,13 @@ from services.predictor.model import (
     save_artifact,
 )
 from services.predictor.pipeline import Caches, embed_examples, fit_projections, labeled
-from services.predictor.rows import Example, PredictRow
+from services.predictor.rows import PredictRow
 from shared.schemas import PredictorSource
+from tests.conftest import FakeEmbedder
+from tests.factories import examples
 
 TINY = ModelConfig(app_dims=4, user_dims=4, n_estimators=60, max_depth=3, threads=1,
                    early_stopping_rounds=10)
-LENGTH = {"long": 300, "short": 20}
-
-
-class FakeEmbedder:
-    def __init__(self, config: EmbedderConfig | None = None) -> None:
-        self.config = config or EmbedderConfig()
-
-    def encode(self, texts: Sequence[str]) -> F32Array:
-        out = np.empty((len(texts), EMBEDDING_DIM), dtype=np.float32)
-        for i, t in enumerate(texts):
-            seed = int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "big")
-            out[i] = np.random.default_rng(seed).standard_normal(EMBEDDING_DIM)
-        return out
-
-
-def examples(n_per_app: int, seed: int = 0, prefix: str = "r") -> list[Example]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for app, length in LENGTH.items():
-        for i in range(n_per_app):
-            x = int(rng.integers(10, 200))
-            y = int(max(1, length * rng.uniform(0.8, 1.2)))
-            out.append(Example(app_id=app, user_id=f"{app}:u{i % 3}", instruction=f"do {app}",
-                               input=f"{app} input {i} {x}", input_tokens=x, max_tokens=512,
-                               request_id=f"{prefix}{app}:{i}", generated_tokens=y,
-                               hit_cap=False))
-    return out
 
 
 def fit_tiny(config: ModelConfig = TINY) -> FittedModel:

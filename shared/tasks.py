@@ -1,0 +1,56 @@
+"""The Celery contract between the scheduler (which sends batches) and the GPU workers (which run
+them): the task name, the Celery configuration, and the typed batch message both sides use.
+
+One queue per GPU (`gpu.0`, ...); workers run concurrency 1 with prefetch 1 so a GPU holds one batch
+at a time, and ack late with reject-on-worker-lost so a batch on a dead worker runs again. The batch
+travels as `Batch` JSON (never pickle) in the task's one argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from celery import Celery
+
+from shared import keys
+from shared.schemas import Batch
+
+RUN_BATCH_TASK = "magnus.run_batch"
+
+
+def make_celery(redis_url: str) -> Celery:
+    app = Celery("magnus", broker=redis_url)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        broker_connection_retry_on_startup=True,
+        # Results travel on Magnus's own completed stream, not Celery's result backend.
+        task_track_started=False,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+class TaskSender(Protocol):
+    """What sending needs of a Celery app (tests pass a recorder instead)."""
+
+    def send_task(self, name: str, args: list[str], queue: str) -> object: ...
+
+
+def send_batch(celery: TaskSender, batch: Batch) -> None:
+    """Queue `batch` for its GPU's worker."""
+    celery.send_task(RUN_BATCH_TASK, args=[batch.model_dump_json()],
+                     queue=keys.celery_queue(batch.gpu))
+
+
+def parse_batch(payload: str | bytes | Mapping[str, Any]) -> Batch:
+    """The worker's side: the task argument as a `Batch`; `SchemaVersionError` for a batch of
+    another schema version, pydantic's `ValidationError` for anything else unreadable."""
+    return Batch.parse(payload)

@@ -1,0 +1,229 @@
+"""Typed streams and refused messages against real Redis (no engine starts): readers parse what
+publishers wrote, skip a poison entry without stalling, and never lose a request silently."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from services.engine.base import ChatOutcome, ChatRequest, KVCacheInfo
+from services.engine.vllm import VllmEngine
+from services.predictor.main import PredictorService
+from services.worker.main import WorkerContext
+from services.worker.runner import run_batch, run_batch_sync
+from shared import keys, state, streams
+from shared.schemas import (
+    Batch,
+    BatchItem,
+    CompletedEvent,
+    QueuedRequest,
+    RequestResult,
+    RequestStatus,
+    SchemaVersionError,
+    WorkerHeartbeat,
+)
+from shared.settings import PredictorSettings, WorkerSettings
+
+pytestmark = pytest.mark.integration
+
+
+def queued(rid: str, max_tokens: int = 64) -> QueuedRequest:
+    return QueuedRequest(request_id=rid, app_id="a", user_id="u", instruction="", input="x",
+                         max_tokens=max_tokens, input_tokens=10, queued_at=time.time())
+
+
+def submit(r: redis.Redis, req: QueuedRequest) -> None:
+    state.record_queued(r, req)
+    streams.publish(r, streams.INCOMING, req)
+
+
+def submit_v2(r: redis.Redis, req: QueuedRequest) -> None:
+    """The request as a producer of schema version 2 would write it."""
+    state.record_queued(r, req)
+    raw = json.loads(req.model_dump_json()) | {"schema_version": 2}
+    r.xadd(keys.STREAM_INCOMING, {streams.INCOMING.field: json.dumps(raw)})
+
+
+def reader(r: redis.Redis, spec: streams.StreamSpec[streams.M], consumer: str = "c"
+           ) -> streams.StreamReader[streams.M]:
+    return streams.StreamReader(r, spec, "test-group", consumer)
+
+
+def status_of(r: redis.Redis, rid: str) -> state.RequestView:
+    return state.view_from_hash(rid, r.hgetall(keys.request(rid)))
+
+
+def test_published_messages_are_read_typed_and_replayed_until_acknowledged(
+        redis_client: redis.Redis) -> None:
+    for i in range(3):
+        submit(redis_client, queued(f"req-{i}"))
+    first = reader(redis_client, streams.INCOMING)
+    got = first.read(count=10, block_ms=10)
+    assert [m.request_id for _, m in got] == ["req-0", "req-1", "req-2"]
+    assert all(isinstance(m, QueuedRequest) for _, m in got)
+    pipe = redis_client.pipeline()
+    first.ack(pipe, [got[0][0]])
+    pipe.execute()
+    # A restarted consumer of the same name re-reads what it never acknowledged, first.
+    again = reader(redis_client, streams.INCOMING)
+    assert [m.request_id for _, m in again.read(count=10, block_ms=10)] == ["req-1", "req-2"]
+
+
+def test_a_poison_request_fails_visibly_and_the_reader_keeps_going(
+        redis_client: redis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    submit_v2(redis_client, queued("req-bad"))
+    submit(redis_client, queued("req-good"))
+    r = reader(redis_client, streams.INCOMING)
+    with caplog.at_level(logging.WARNING, logger="shared.streams"):
+        # count=1: the first read gets only the poison entry, and reads on rather than answer [].
+        got = r.read(count=1, block_ms=10)
+    assert [m.request_id for _, m in got] == ["req-good"]
+    view = status_of(redis_client, "req-bad")
+    assert view.status is RequestStatus.FAILED and view.finish_reason == "error"
+    assert view.error is not None
+    assert "QueuedRequest has schema_version 2; this process reads schema_version 1" in view.error
+    assert "finished" in view.timestamps
+    assert "req-bad" in caplog.text
+    # The poison entry is acknowledged: not pending, never read again.
+    assert redis_client.xpending(keys.STREAM_INCOMING, "test-group")["pending"] == 1  # req-good
+    assert r.refused == 1
+    assert redis_client.hget(keys.METRICS, "refused:incoming") == "1"
+    again = reader(redis_client, streams.INCOMING)
+    assert [m.request_id for _, m in again.read(count=10, block_ms=10)] == ["req-good"]
+
+
+def test_an_entry_naming_no_known_request_is_logged_as_error_and_skipped(
+        redis_client: redis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    redis_client.xadd(keys.STREAM_INCOMING, {"request": "not json"})
+    redis_client.xadd(keys.STREAM_INCOMING, {"wrong-field": "{}"})
+    raw = json.loads(queued("req-ghost").model_dump_json()) | {"schema_version": 9}
+    redis_client.xadd(keys.STREAM_INCOMING, {"request": json.dumps(raw)})  # no state recorded
+    r = reader(redis_client, streams.INCOMING)
+    with caplog.at_level(logging.ERROR, logger="shared.streams"):
+        assert r.read(count=10, block_ms=10) == []
+    errors = [rec for rec in caplog.records if rec.levelno == logging.ERROR]
+    assert len(errors) == 3 and "req-ghost" in errors[2].getMessage()
+    assert not redis_client.exists(keys.request("req-ghost"))  # no half-made request state
+    assert redis_client.xpending(keys.STREAM_INCOMING, "test-group")["pending"] == 0
+
+
+def test_a_final_request_is_not_overwritten_by_a_replayed_poison_entry(
+        redis_client: redis.Redis) -> None:
+    req = queued("req-done")
+    submit_v2(redis_client, req)
+    now = time.time()
+    state.record_result(redis_client, RequestResult(
+        request_id=req.request_id, batch_id="b", gpu=0, text="ok", input_tokens=10,
+        generated_tokens=3, finish_reason="stop", started_at=now, finished_at=now))
+    assert reader(redis_client, streams.INCOMING).read(count=10, block_ms=10) == []
+    assert status_of(redis_client, "req-done").status is RequestStatus.COMPLETED
+
+
+def test_a_refused_completed_event_leaves_request_state_alone(redis_client: redis.Redis) -> None:
+    req = queued("req-c")
+    state.record_queued(redis_client, req)
+    state.record_transition(redis_client, req.request_id, RequestStatus.RUNNING, time.time())
+    event = json.loads(CompletedEvent(kind="batch").model_dump_json()) | {"schema_version": 3}
+    redis_client.xadd(keys.STREAM_COMPLETED, {"event": json.dumps(event)})
+    streams.publish(redis_client, streams.COMPLETED, CompletedEvent(kind="batch"))
+    got = reader(redis_client, streams.COMPLETED).read(count=10, block_ms=10)
+    assert [e.kind for _, e in got] == ["batch"]
+    assert status_of(redis_client, "req-c").status is RequestStatus.RUNNING
+
+
+def test_the_predictor_loop_predicts_past_a_poison_entry(redis_client: redis.Redis,
+                                                         redis_url: str, tmp_path: Path) -> None:
+    settings = PredictorSettings(redis_url=redis_url, use_model=False,
+                                 cache_dir=tmp_path / "cache")
+    svc = PredictorService(redis_client, settings, consumer="p")
+    submit_v2(redis_client, queued("req-old"))
+    submit(redis_client, queued("req-new"))
+    assert svc.predict_incoming(block_ms=10) == 1
+    assert status_of(redis_client, "req-old").status is RequestStatus.FAILED
+    assert status_of(redis_client, "req-new").status is RequestStatus.PREDICTED
+    ((_, predicted),) = streams.read_range(redis_client, streams.PREDICTED)
+    assert predicted.request.request_id == "req-new"
+    # Its training reader skips a refused completed event and learns from the next one.
+    event = json.loads(CompletedEvent(kind="batch").model_dump_json()) | {"schema_version": 0}
+    redis_client.xadd(keys.STREAM_COMPLETED, {"event": json.dumps(event)})
+    now = time.time()
+    streams.publish(redis_client, streams.COMPLETED, CompletedEvent(kind="request", result=(
+        RequestResult(request_id="req-new", batch_id="b", gpu=0, text="t", input_tokens=10,
+                      generated_tokens=12, finish_reason="stop", started_at=now,
+                      finished_at=now))))
+    assert svc.learn_from_completed() == 1
+    (stored,) = redis_client.lrange(keys.TRAINING_LENGTHS, 0, -1)
+    assert json.loads(stored)["generated_tokens"] == 12
+
+
+class ScriptedEngine(VllmEngine):
+    """Answers from a script instead of a server (generate only)."""
+
+    def __init__(self, answer: Callable[[ChatRequest], ChatOutcome]) -> None:
+        super().__init__()
+        self.answer = answer
+
+    async def generate(self, http: httpx.AsyncClient, model: str,
+                       request: ChatRequest) -> ChatOutcome:
+        return self.answer(request)
+
+
+def test_the_worker_posts_results_continuations_and_the_batch_record(
+        redis_client: redis.Redis) -> None:
+    def answer(req: ChatRequest) -> ChatOutcome:
+        now = time.time()
+        return ChatOutcome(text="t" * req.max_tokens, prompt_tokens=10,
+                           completion_tokens=req.max_tokens,
+                           finish_reason="length" if req.request_id == "capped" else "stop",
+                           started_at=now, first_token_at=now, finished_at=now)
+
+    items = [BatchItem(request=queued("done"), max_tokens=5, predicted_tokens=5, upper_tokens=5),
+             BatchItem(request=queued("capped"), max_tokens=4, predicted_tokens=4,
+                       upper_tokens=4)]
+    for item in items:
+        state.record_queued(redis_client, item.request)
+    batch = Batch(batch_id="b1", gpu=0, policy="magnus", items=items, estimated_service_s=1.0,
+                  formed_at=time.time())
+    record = asyncio.run(run_batch(redis_client, ScriptedEngine(answer), "http://unused", "m",
+                                   batch, 10.0))
+    assert record.size == 2 and record.total_generated_tokens == 9
+    events = [e for _, e in streams.read_range(redis_client, streams.COMPLETED)]
+    assert sorted(e.kind for e in events) == ["batch", "request", "requeued"]
+    ((_, continuation),) = streams.read_range(redis_client, streams.INCOMING)
+    assert continuation.request_id == "capped" and continuation.generated_so_far == 4
+    assert status_of(redis_client, "done").status is RequestStatus.COMPLETED
+
+
+def test_the_worker_fails_the_requests_of_a_batch_it_cannot_read(
+        redis_client: redis.Redis) -> None:
+    req = queued("req-w")
+    state.record_queued(redis_client, req)
+    batch = Batch(batch_id="b2", gpu=0, policy="magnus", estimated_service_s=1.0, formed_at=1.0,
+                  items=[BatchItem(request=req, max_tokens=8, predicted_tokens=8,
+                                   upper_tokens=8)])
+    payload = json.loads(batch.model_dump_json()) | {"schema_version": 2}
+    with pytest.raises(SchemaVersionError, match="Batch has schema_version 2"):
+        run_batch_sync(redis_client, VllmEngine(), "http://unused", "m", json.dumps(payload), 1.0)
+    view = status_of(redis_client, "req-w")
+    assert view.status is RequestStatus.FAILED and view.error is not None
+    assert "could not read its batch: Batch has schema_version 2" in view.error
+
+
+def test_worker_context_beats_the_engines_kv_budget(redis_client: redis.Redis,
+                                                    redis_url: str) -> None:
+    settings = WorkerSettings(redis_url=redis_url, gpu=2)
+    ctx = WorkerContext(settings=settings, redis=redis_client, engine=VllmEngine())
+    ctx.beat(KVCacheInfo(block_size=16, num_blocks=100))
+    beat = WorkerHeartbeat.parse(redis_client.get(keys.worker_heartbeat(2)))
+    assert (beat.kv_budget_tokens, beat.busy, beat.gpu) == (1600, False, 2)
+    created = WorkerContext.create(settings)  # settings checked, engine picked, Redis reached
+    assert created.redis.ping() and created.engine.name == "vllm"
+    created.shutdown()
