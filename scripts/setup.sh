@@ -31,11 +31,11 @@ if ! step engine; then
   $PIP uninstall -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
   stamp engine
 fi
-if ! step runtime requirements/runtime.txt requirements/dev.txt; then
+if ! step runtime requirements/runtime.txt requirements/dev.txt pyproject.toml; then
   echo "[setup] installing service and test dependencies"
   $PIP install 'torch==2.13.0' -r requirements/runtime.txt -r requirements/dev.txt
   $PIP uninstall -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
   $PIP install --no-deps -e .
-  stamp runtime requirements/runtime.txt requirements/dev.txt
+  stamp runtime requirements/runtime.txt requirements/dev.txt pyproject.toml
 fi
 echo "[setup] virtualenv ready: $VENV"
