@@ -11,9 +11,10 @@ What `plan` decides, given the policy, the waiting pool, each live GPU's state a
   mode a GPU takes whoever fits its KV budget beside what it holds;
 - the GPUs' order: least loaded first (in-flight batches in static mode, in-flight KV tokens in
   continuous mode, then index), a load balancer's behaviour; with one GPU there is no choice;
-- per GPU, the batch (static: `policy.decide_batch`) or the admitted requests (continuous:
-  `policy.admit_continuous`), each member's token cap and the KV it counts as holding until its
-  result arrives;
+- per GPU, the batch (static: `policy.decide_batch`) or the admitted requests (continuous: the
+  next admissible prefix of `policy.rank_continuous`, ranked once per instant: the same requests
+  `policy.admit_continuous` would admit GPU by GPU), each member's token cap and the KV it counts
+  as holding until its result arrives;
 - passes: in static mode it passes over the GPUs again while anything was dispatched (a GPU that
   took its running batch may take its staged one from who is left); in continuous mode one pass
   (a GPU asked again at the same instant would rank the same pool and admit nobody).
@@ -76,14 +77,26 @@ def plan(config: policy.PolicyConfig, pool: LengthSortedPool, gpus: Sequence[Gpu
     budgets = {g.gpu: g.kv_budget_tokens for g in gpus}
     dispatches: list[Dispatch] = []
     progress = True
+    # Continuous mode: the pool ranked once for this instant, and how much of it earlier GPUs took.
+    ranking: policy.ContinuousRanking | None = None
+    taken = 0
     while progress and len(pool):
         progress = False
         load = batches if static else kv_held
         for gpu in sorted(budgets, key=lambda g: (load[g], g)):
             if not len(pool):
                 break
-            dispatch = _plan_gpu(config, pool, gpu, budgets[gpu], batches[gpu], kv_held[gpu],
-                                 now, estimator, staged_batches_per_gpu)
+            if static:
+                dispatch = _plan_static(config, pool, gpu, budgets[gpu], batches[gpu], now,
+                                        estimator, staged_batches_per_gpu)
+            elif _nothing_fits(config, pool, budgets[gpu], kv_held[gpu]):
+                dispatch = None
+            else:
+                if ranking is None:
+                    ranking = policy.rank_continuous(config, pool, now, estimator)
+                count = ranking.admissible(taken, budgets[gpu], kv_held[gpu])
+                dispatch = _continuous(config, gpu, ranking.requests[taken:taken + count])
+                taken += count
             if dispatch is None:
                 continue
             pool.remove([w.request_id for w in dispatch.members])
@@ -94,25 +107,24 @@ def plan(config: policy.PolicyConfig, pool: LengthSortedPool, gpus: Sequence[Gpu
     return dispatches
 
 
-def _plan_gpu(config: policy.PolicyConfig, pool: LengthSortedPool, gpu: int,
-              kv_budget_tokens: int, inflight_batches: int, inflight_kv_tokens: int, now: float,
-              estimator: BatchTimeEstimator, staged_batches_per_gpu: int) -> Dispatch | None:
-    snapshot = policy.GpuSnapshot(gpu=gpu, kv_budget_tokens=kv_budget_tokens)
-    if config.engine_mode == "static":
-        if inflight_batches > staged_batches_per_gpu:
-            return None  # one running + `staged` queued already
-        decision = policy.decide_batch(config, pool, snapshot, now, estimator)
-        if decision is None:
-            return None
-        caps = tuple(_within(w, c) for w, c in zip(decision.members, decision.token_caps,
-                                                   strict=True))
-        held = tuple(w.input_tokens + c for w, c in zip(decision.members, caps, strict=True))
-        demand = len(caps) * (max(w.input_tokens for w in decision.members) + max(caps))
-        return Dispatch(gpu, decision.members, caps, held, decision.estimated_service_s, demand)
-    if _nothing_fits(config, pool, kv_budget_tokens, inflight_kv_tokens):
+def _plan_static(config: policy.PolicyConfig, pool: LengthSortedPool, gpu: int,
+                 kv_budget_tokens: int, inflight_batches: int, now: float,
+                 estimator: BatchTimeEstimator, staged_batches_per_gpu: int) -> Dispatch | None:
+    if inflight_batches > staged_batches_per_gpu:
+        return None  # one running + `staged` queued already
+    decision = policy.decide_batch(config, pool, policy.GpuSnapshot(gpu, kv_budget_tokens), now,
+                                   estimator)
+    if decision is None:
         return None
-    admitted = policy.admit_continuous(config, pool, snapshot, inflight_kv_tokens, now,
-                                       estimator)
+    caps = tuple(_within(w, c) for w, c in zip(decision.members, decision.token_caps,
+                                               strict=True))
+    held = tuple(w.input_tokens + c for w, c in zip(decision.members, caps, strict=True))
+    demand = len(caps) * (max(w.input_tokens for w in decision.members) + max(caps))
+    return Dispatch(gpu, decision.members, caps, held, decision.estimated_service_s, demand)
+
+
+def _continuous(config: policy.PolicyConfig, gpu: int,
+                admitted: Sequence[policy.WaitingRequest]) -> Dispatch | None:
     if not admitted:
         return None
     caps = tuple(_within(w, policy.token_cap(config, w)) for w in admitted)

@@ -223,10 +223,51 @@ def admit_continuous(config: PolicyConfig, waiting: Sequence[WaitingRequest], gp
     sjf: shortest predicted first. fcfs: arrival order.
     """
     assert inflight_kv_tokens >= 0, "negative KV in flight"
-    if not waiting:
-        return []
-    if config.spec.admission == "everyone":
-        return sorted(waiting, key=lambda w: (w.queued_at, w.request_id))
+    ranking = rank_continuous(config, waiting, now, estimator)
+    return ranking.requests[:ranking.admissible(0, gpu.kv_budget_tokens, inflight_kv_tokens)]
+
+
+@dataclass(frozen=True)
+class ContinuousRanking:
+    """The waiting requests in continuous admission order, with the KV each would reserve.
+
+    The order depends only on the requests, the clock and the estimator, not on the GPU: at one
+    instant every GPU admits a prefix of what the GPUs before it left, so `plan` ranks the pool
+    once per instant and hands each GPU the next prefix (`admissible(start, ...)`), which is
+    exactly what ranking the shrunken pool again for each GPU would give, without its cost
+    (a kNN estimate per waiting request, per GPU)."""
+
+    requests: list[WaitingRequest]
+    demand_tokens: IntArray  # per request in `requests`: prompt + planned run (its reservation)
+    everyone: bool  # admission "everyone": no budget
+
+    def admissible(self, start: int, kv_budget_tokens: int, inflight_kv_tokens: int) -> int:
+        """How many requests from `start` on a GPU with this budget and KV in flight admits:
+        all of them for "everyone"; else the longest prefix that fits, stopping at the first
+        that does not rather than letting smaller ones past it, and a lone oversize request
+        when nothing is in flight (it fits the context; see batching.py)."""
+        left = len(self.requests) - start
+        assert left >= 0 and inflight_kv_tokens >= 0
+        if self.everyone or left == 0:
+            return left
+        cumulative = np.cumsum(self.demand_tokens[start:])
+        admitted = int(np.searchsorted(cumulative, kv_budget_tokens - inflight_kv_tokens,
+                                       side="right"))
+        alone_over_budget = admitted == 0 and inflight_kv_tokens == 0
+        if alone_over_budget:
+            admitted = 1
+        assert alone_over_budget or admitted == 0 or (
+            inflight_kv_tokens + int(cumulative[admitted - 1]) <= kv_budget_tokens), (
+            "over KV budget")
+        return admitted
+
+
+def rank_continuous(config: PolicyConfig, waiting: Sequence[WaitingRequest], now: float,
+                    estimator: BatchTimeEstimator) -> ContinuousRanking:
+    """The admission order of `admit_continuous` (see there), with each request's reservation."""
+    if config.spec.admission == "everyone" or not waiting:
+        chosen = sorted(waiting, key=lambda w: (w.queued_at, w.request_id))
+        return ContinuousRanking(chosen, np.zeros(len(chosen), dtype=np.int64), everyone=True)
     predicted, inputs, caps, queued_at = _request_columns(config, waiting)
     if config.spec.ordering == "hrrn":
         service = estimator.estimate_many(np.ones_like(inputs), inputs, predicted)
@@ -236,17 +277,9 @@ def admit_continuous(config: PolicyConfig, waiting: Sequence[WaitingRequest], gp
         order = np.lexsort((queued_at, predicted))
     else:
         order = np.argsort(queued_at, kind="stable")
-    demand = np.cumsum((inputs + caps)[order])
-    admitted = int(np.searchsorted(demand, gpu.kv_budget_tokens - inflight_kv_tokens,
-                                   side="right"))
-    alone_over_budget = admitted == 0 and inflight_kv_tokens == 0
-    if alone_over_budget:
-        admitted = 1  # a lone oversize request still runs, alone
-    chosen = [waiting[int(i)] for i in order[:admitted]]
-    assert len({w.request_id for w in chosen}) == len(chosen), "a request admitted twice"
-    assert alone_over_budget or admitted == 0 or (
-        inflight_kv_tokens + int(demand[admitted - 1]) <= gpu.kv_budget_tokens), "over KV budget"
-    return chosen
+    chosen = [waiting[int(i)] for i in order]
+    assert len({w.request_id for w in chosen}) == len(chosen), "a request ranked twice"
+    return ContinuousRanking(chosen, (inputs + caps)[order], everyone=False)
 
 
 # --- internals ----------------------------------------------------------------------------

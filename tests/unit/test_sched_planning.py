@@ -137,3 +137,32 @@ def test_simulator_source_holds_no_decision_logic() -> None:
     assert not used & decision_functions, f"the simulator decides: {used & decision_functions}"
     assert "plan" in used
 
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 400), st.integers(1, 300), st.floats(0, 50)),
+                min_size=1, max_size=40),
+       st.lists(st.tuples(st.integers(500, 4_000), st.integers(0, 2_000)), min_size=1,
+                max_size=5),
+       st.sampled_from(["magnus", "magnus-oracle", "sjf-predicted", "magnus-no-hrrn"]))
+def test_ranking_once_per_instant_admits_what_per_gpu_admission_admits(
+        rows: list[tuple[int, int, float]], gpus: list[tuple[int, int]], name: str) -> None:
+    """plan ranks the pool once and hands each GPU the next admissible prefix; asking
+    admit_continuous GPU by GPU on the shrinking pool (what plan did before) gives the same."""
+    waiting = [waiting_request(i, predicted=p, queued_at=q, input_tokens=n, true=p + 1)
+               for i, (p, n, q) in enumerate(rows)]
+    config = PolicyConfig(name=name, engine_mode="continuous")
+    estimator = ServiceTimeEstimator()
+    states = [GpuState(g, budget, inflight_kv_tokens=held)
+              for g, (budget, held) in enumerate(gpus)]
+    pool = pool_for(config, waiting)
+    expected: list[tuple[int, list[str]]] = []
+    for g in sorted(states, key=lambda s: (s.inflight_kv_tokens, s.gpu)):
+        admitted = admit_continuous(config, pool, GpuSnapshot(g.gpu, g.kv_budget_tokens),
+                                    g.inflight_kv_tokens, 100.0, estimator)
+        if admitted:
+            expected.append((g.gpu, [w.request_id for w in admitted]))
+            pool.remove([w.request_id for w in admitted])
+    pool = pool_for(config, waiting)
+    got = plan(config, pool, states, 100.0, estimator)
+    assert [(d.gpu, [w.request_id for w in d.members]) for d in got] == expected
