@@ -8,12 +8,18 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from services.scheduler.registry import policy_names
+from services.scheduler.registry import POLICIES, policy_names
 
 # The policies both benchmarks (real stack, simulator) compare, per engine mode: the registry's
 # (a policy is benchmarked in the modes its entry names).
 STATIC_POLICIES = policy_names("static")
 CONTINUOUS_POLICIES = policy_names("continuous")
+# Those that run on an engine with its default (arrival-order) queue: a policy that hands its
+# order to the engine (vllm-priority) needs one started with --scheduling-policy priority, which
+# the load benchmark starts for it and the fixed-table run does not, and the simulated engine has
+# no priority queue (it would simulate plain vLLM under that name).
+FCFS_ENGINE_CONTINUOUS_POLICIES = [n for n in CONTINUOUS_POLICIES
+                                   if not POLICIES[n].engine_priority]
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import httpx
 import redis
 
 from bench.metrics import (
-    CONTINUOUS_POLICIES,
+    FCFS_ENGINE_CONTINUOUS_POLICIES,
     STATIC_POLICIES,
     Outcome,
     RunSummary,
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rates", default="2.0")
     parser.add_argument("--modes", default="static,continuous")
     parser.add_argument("--static-policies", default=",".join(STATIC_POLICIES))
-    parser.add_argument("--continuous-policies", default=",".join(CONTINUOUS_POLICIES))
+    parser.add_argument("--continuous-policies", default=",".join(FCFS_ENGINE_CONTINUOUS_POLICIES))
     parser.add_argument("--arrivals", choices=["poisson", "azure"], default="poisson")
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from bench.cost_model import DEFAULT_PROFILE, CostModelFit, EngineCostModel, load_fit
-from bench.metrics import CONTINUOUS_POLICIES, STATIC_POLICIES, RunSummary, table
+from bench.metrics import FCFS_ENGINE_CONTINUOUS_POLICIES, STATIC_POLICIES, RunSummary, table
 from bench.plots import plot_cdf, plot_vs_rate
 from bench.simulator import AppMeanPredictor, SimConfig, SimRequest, SimResult, simulate
 from offline.workload.analysis import load_profile
@@ -280,7 +280,7 @@ def part_real(ctx: Context) -> None:
     print(f"\n## real-stack default: {len(reqs)} requests, {a.rate}/s, 1 GPU "
           f"(same selection as bench.real_stack: {same})")
     rows = run_all(reqs, a.rate, 1, ctx.cost, ctx.predictor, ctx.overheads,
-                   modes_for(STATIC_POLICIES, CONTINUOUS_POLICIES))
+                   modes_for(STATIC_POLICIES, FCFS_ENGINE_CONTINUOUS_POLICIES))
     tab = table([r.summary for r in rows])
     realized = realized_runs(reqs, a.rate, ctx, RESULTS / "real_stack.json", ctx.cost)
     engine_only = (realized_runs(reqs, a.rate, ctx, RESULTS / "real_stack.json", ctx.fit.model)
@@ -357,7 +357,7 @@ def part_sweep(ctx: Context) -> None:
         reqs = sampled_workload(ctx.data, a.sweep_requests, a.seed, rate, a.max_tokens)
         print(f"\n## load sweep: {len(reqs)} requests, {rate}/s, 1 GPU")
         rows += run_all(reqs, rate, 1, ctx.cost, ctx.predictor, ctx.overheads,
-                        modes_for(STATIC_POLICIES, CONTINUOUS_POLICIES))
+                        modes_for(STATIC_POLICIES, FCFS_ENGINE_CONTINUOUS_POLICIES))
     tab = table([r.summary for r in rows])
     print("\n" + tab)
     plot_vs_rate([r.summary for r in rows],
@@ -377,7 +377,7 @@ def part_scale(ctx: Context) -> None:
         reqs = sampled_workload(ctx.data, n, a.seed, rate, a.max_tokens)
         print(f"\n## scale: {gpus} GPUs, {n} requests, {rate}/s")
         these = run_all(reqs, rate, gpus, ctx.cost, ctx.predictor, ctx.overheads,
-                        modes_for(STATIC_POLICIES, CONTINUOUS_POLICIES))
+                        modes_for(STATIC_POLICIES, FCFS_ENGINE_CONTINUOUS_POLICIES))
         heads[str(gpus)] = headline(these)
         plot_cdf([r.summary for r in these], [r.response_s for r in these], f"{gpus} GPUs (sim)",
                  IMG / f"sim_cdf_{gpus}gpu.png")

@@ -384,6 +384,9 @@ class SimConfig:
     # Continuous mode: Celery threads per worker, each running one admitted group; further
     # groups wait in the GPU's queue (LauncherSettings.continuous_worker_threads).
     worker_threads: int = 64
+    # Continuous mode: the scheduler's concurrency cap per GPU (SchedulerSettings
+    # .max_running_requests; None: no cap, as with no engine profile).
+    max_running_requests: int | None = None
 
     def __post_init__(self) -> None:
         assert self.gpus >= 1 and self.kv_budget_tokens >= 1 and self.staged_batches_per_gpu >= 0
@@ -577,7 +580,10 @@ class Simulation:
         cfg = self.config
         gpus = [planning.GpuState(gpu=g, kv_budget_tokens=cfg.kv_budget_tokens,
                                   inflight_batches=len(self.inflight[g]),
-                                  inflight_kv_tokens=self.inflight_kv_total[g])
+                                  inflight_kv_tokens=self.inflight_kv_total[g],
+                                  inflight_requests=len(self.inflight_kv[g]),
+                                  max_running_requests=(cfg.max_running_requests
+                                                        if cfg.mode == "continuous" else None))
                 for g in range(cfg.gpus)]
         for dispatch in planning.plan(cfg.policy, self.pool, gpus, now, self.estimator,
                                       cfg.staged_batches_per_gpu):

@@ -171,7 +171,10 @@ class Stack:
         s = self.settings
         # Refuse an unknown policy before starting anything: a scheduler that exits at start-up
         # would leave a stack that looks ready and never dispatches.
-        get_policy(self.service_env.get("MAGNUS_POLICY") or SchedulerSettings().policy)
+        spec = get_policy(self.service_env.get("MAGNUS_POLICY") or SchedulerSettings().policy)
+        if spec.engine_priority and s.engine_scheduling_policy != "priority":
+            # The policy hands its order to the engine: the engine must read priorities.
+            self.settings = s = s.model_copy(update={"engine_scheduling_policy": "priority"})
         t0 = time.monotonic()
         self.start_redis()
         connect(self.redis_url, s.redis_connect_timeout_s).close()

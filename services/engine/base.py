@@ -48,6 +48,12 @@ class ServerSpec:
     # cache from free GPU memory and ignore both).
     cpu_kvcache_gib: int | None = None
     cpu_omp_threads_bind: str | None = None
+    # The engine's own waiting-queue order: "fcfs" (vLLM's default) or "priority" (requests
+    # carry a priority; lower runs first, and the lowest-priority running one is preempted).
+    scheduling_policy: str = "fcfs"
+    # Cut the KV cache to this many blocks (vLLM `--num-gpu-blocks-override`), so that it binds
+    # as a GPU's does for a large model; None: the cache the engine sizes itself.
+    num_gpu_blocks: int | None = None
     extra_args: tuple[str, ...] = ()
 
     @classmethod
@@ -58,7 +64,9 @@ class ServerSpec:
                    host=host, port=settings.engine_base_port + gpu,
                    max_model_len=settings.max_model_len, gpu=gpu, work_dir=work_dir,
                    cpu_kvcache_gib=settings.cpu_kvcache_gib,
-                   cpu_omp_threads_bind=settings.cpu_omp_threads_bind)
+                   cpu_omp_threads_bind=settings.cpu_omp_threads_bind,
+                   scheduling_policy=settings.engine_scheduling_policy,
+                   num_gpu_blocks=settings.engine_num_gpu_blocks)
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,8 @@ class ChatRequest:
     max_tokens: int
     sampling: SamplingParams
     continuation: str = ""
+    # The engine's scheduling priority (lower first); None: the engine's default order.
+    priority: int | None = None
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,10 @@ def chat_body(model: str, request: ChatRequest) -> dict[str, object]:
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if sampling.ignore_eos:
+        body["ignore_eos"] = True
+    if request.priority is not None:
+        body["priority"] = request.priority
     if request.continuation:
         # A continuation resumes the assistant turn already begun (vLLM's continue_final_message).
         body["messages"] = [*messages, {"role": "assistant", "content": request.continuation}]
@@ -136,6 +140,10 @@ class VllmEngine:
                "--dtype", spec.dtype, "--max-model-len", str(spec.max_model_len)]
         if spec.enforce_eager:
             cmd.append("--enforce-eager")
+        if spec.scheduling_policy != "fcfs":
+            cmd += ["--scheduling-policy", spec.scheduling_policy]
+        if spec.num_gpu_blocks is not None:
+            cmd += ["--num-gpu-blocks-override", str(spec.num_gpu_blocks)]
         return [*cmd, *spec.extra_args]
 
     def start_env(self, spec: ServerSpec) -> dict[str, str]:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import redis
 
-from services.scheduler import planning, policy
+from services.scheduler import capacity, planning, policy
 from services.scheduler.estimator import ServiceRecord, ServiceTimeEstimator
 from shared import keys, state, streams
 from shared.lifecycle import start_service
@@ -48,6 +48,22 @@ def to_waiting(p: PredictedRequest) -> policy.WaitingRequest:
         req.generated_so_far)
 
 
+def load_decode_curve(settings: SchedulerSettings) -> capacity.DecodeCurve | None:
+    """The engine's measured decode curve for the concurrency cap; None (no cap, logged) when
+    the cap is set outright, the mode is static or the profile is missing or unreadable."""
+    path = settings.engine_profile_path
+    if settings.engine_mode != "continuous" or settings.max_running_requests is not None:
+        return None
+    if path is None or not path.exists():
+        log.warning("no engine profile at %s: continuous admission has no concurrency cap", path)
+        return None
+    try:
+        return capacity.DecodeCurve.load(path)
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("engine profile %s unreadable (%s): no concurrency cap", path, exc)
+        return None
+
+
 def policy_config(settings: SchedulerSettings) -> policy.PolicyConfig:
     return policy.PolicyConfig(
         name=settings.policy, batch_size=settings.batch_size,
@@ -73,6 +89,7 @@ class Scheduler:
         # Continuous mode: KV tokens each in-flight request may hold (input + its run's cap).
         self.inflight_kv: dict[int, dict[str, int]] = {}
         self.estimator = ServiceTimeEstimator()
+        self.decode_curve = load_decode_curve(settings)
 
     # --- leadership -------------------------------------------------------------------------
     def hold_leadership(self) -> bool:
@@ -182,19 +199,38 @@ class Scheduler:
         function), formed into Batch messages. plan removes them from the sorted pool."""
         if not self.pool:
             return []
+        cap = self.concurrency_cap()
         gpus = [planning.GpuState(gpu=gpu, kv_budget_tokens=beat.kv_budget_tokens,
                                   inflight_batches=len(self.inflight.get(gpu, {})),
-                                  inflight_kv_tokens=sum(self.inflight_kv.get(gpu, {}).values()))
+                                  inflight_kv_tokens=sum(self.inflight_kv.get(gpu, {}).values()),
+                                  inflight_requests=len(self.inflight_kv.get(gpu, {})),
+                                  max_running_requests=cap)
                 for gpu, beat in sorted(self.live_gpus().items())]
         dispatches = planning.plan(self.config, self.sorted_pool, gpus, now, self.estimator,
                                    self.settings.staged_batches_per_gpu)
         return [self._form(d, now) for d in dispatches]
 
+    def concurrency_cap(self) -> int | None:
+        """Continuous mode: the most requests a GPU should run at once (settings, else the
+        decode curve read at the waiting pool's typical context); None in static mode."""
+        if self.settings.engine_mode != "continuous":
+            return None
+        if self.settings.max_running_requests is not None:
+            return self.settings.max_running_requests
+        if self.decode_curve is None:
+            return None
+        context = capacity.typical_context(self.sorted_pool.input_tokens,
+                                           self.sorted_pool.predicted_tokens,
+                                           default=self.settings.max_model_len // 4)
+        return capacity.saturation_concurrency(self.decode_curve, context,
+                                               self.settings.throughput_share)
+
     def _form(self, dispatch: planning.Dispatch, now: float) -> Batch:
         """The Batch message for a dispatch; its members leave the pool and count as holding
         their planned KV on the GPU until their results arrive."""
-        items = [self._item(self.pool.pop(w.request_id), cap)
-                 for w, cap in zip(dispatch.members, dispatch.token_caps, strict=True)]
+        items = [self._item(self.pool.pop(w.request_id), cap, priority)
+                 for w, cap, priority in zip(dispatch.members, dispatch.token_caps,
+                                             dispatch.engine_priorities, strict=True)]
         batch = Batch(batch_id=uuid.uuid4().hex, gpu=dispatch.gpu, policy=self.settings.policy,
                       items=items, estimated_service_s=dispatch.estimated_service_s,
                       formed_at=now)
@@ -205,13 +241,14 @@ class Scheduler:
         return batch
 
     @staticmethod
-    def _item(p: PredictedRequest, cap: int) -> BatchItem:
+    def _item(p: PredictedRequest, cap: int, engine_priority: int | None) -> BatchItem:
         """A batch item capped at the planned token cap: a run that reaches it short of the
         request's max_tokens comes back as a continuation."""
         req = p.request
         return BatchItem(request=req, max_tokens=cap,
                          predicted_tokens=p.prediction.predicted_tokens,
-                         upper_tokens=p.prediction.upper_tokens)
+                         upper_tokens=p.prediction.upper_tokens,
+                         engine_priority=engine_priority)
 
     def dispatch(self, batch: Batch, now: float) -> None:
         """Persist the batch as in flight, then hand it to the GPU's Celery queue."""

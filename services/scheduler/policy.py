@@ -174,6 +174,14 @@ def admission_tokens(config: PolicyConfig, request: WaitingRequest) -> int:
                                                 oracle=config.oracle)
 
 
+def engine_priority(config: PolicyConfig, request: WaitingRequest) -> int | None:
+    """The priority a request is sent to the engine with (lower first): its planned length for
+    a policy that lets the engine order (`engine_priority`), else None (not sent)."""
+    if not config.spec.engine_priority:
+        return None
+    return effective_predicted(request, request.max_tokens, oracle=config.oracle)
+
+
 def pool_for(config: PolicyConfig, waiting: Sequence[WaitingRequest] = ()) -> LengthSortedPool:
     """The sorted pool this policy batches from; keep it in the loop across decisions."""
     return LengthSortedPool(waiting, max_model_len=config.max_model_len, oracle=config.oracle)
@@ -241,16 +249,23 @@ class ContinuousRanking:
     demand_tokens: IntArray  # per request in `requests`: prompt + planned run (its reservation)
     everyone: bool  # admission "everyone": no budget
 
-    def admissible(self, start: int, kv_budget_tokens: int, inflight_kv_tokens: int) -> int:
+    def admissible(self, start: int, kv_budget_tokens: int, inflight_kv_tokens: int,
+                   free_slots: int | None = None) -> int:
         """How many requests from `start` on a GPU with this budget and KV in flight admits:
         all of them for "everyone"; else the longest prefix that fits, stopping at the first
         that does not rather than letting smaller ones past it, and a lone oversize request
-        when nothing is in flight (it fits the context; see batching.py)."""
+        when nothing is in flight (it fits the context; see batching.py); never more than
+        `free_slots` (the GPU's concurrency cap less what it runs; None: no cap)."""
         left = len(self.requests) - start
         assert left >= 0 and inflight_kv_tokens >= 0
+        assert free_slots is None or free_slots >= 0, "negative free slots"
         if self.everyone or left == 0:
             return left
-        cumulative = np.cumsum(self.demand_tokens[start:])
+        if free_slots is not None:
+            left = min(left, free_slots)
+            if left == 0:
+                return 0
+        cumulative = np.cumsum(self.demand_tokens[start:start + left])
         admitted = int(np.searchsorted(cumulative, kv_budget_tokens - inflight_kv_tokens,
                                        side="right"))
         alone_over_budget = admitted == 0 and inflight_kv_tokens == 0
@@ -271,6 +286,12 @@ def rank_continuous(config: PolicyConfig, waiting: Sequence[WaitingRequest], now
     predicted, inputs, caps, queued_at = _request_columns(config, waiting)
     if config.spec.ordering == "hrrn":
         service = estimator.estimate_many(np.ones_like(inputs), inputs, predicted)
+        ratios = ordering.response_ratios(now - queued_at, service)
+        order = np.lexsort((queued_at, -ratios))
+    elif config.spec.ordering == "hrrn-prompt":
+        # Output length unknown: every run planned at the median cap, so only prompts differ.
+        planned = np.full_like(inputs, int(np.median(caps)))
+        service = estimator.estimate_many(np.ones_like(inputs), inputs, planned)
         ratios = ordering.response_ratios(now - queued_at, service)
         order = np.lexsort((queued_at, -ratios))
     elif config.spec.ordering == "sjf":

@@ -32,8 +32,11 @@ Batching = Literal["adaptive", "length-sorted-fixed", "arrival-fixed", "everyone
 # How candidates (static) or single requests (continuous) are ranked:
 # - hrrn: highest response ratio (wait + estimated service) / estimated service first;
 # - sjf: shortest planned length first;
-# - fcfs: oldest first.
-Ordering = Literal["hrrn", "sjf", "fcfs"]
+# - fcfs: oldest first;
+# - hrrn-prompt: response ratio with a service estimated from the prompt alone (every request's
+#   planned run taken as the median max_tokens): what a scheduler that knows only prompts can do
+#   (SGLang's prompt-length rule), the baseline Magnus's predicted lengths must beat.
+Ordering = Literal["hrrn", "sjf", "fcfs", "hrrn-prompt"]
 # What a policy plans with: the predictor's lengths, the true (profiled) lengths, or nothing
 # (its runs go to max_tokens, as plain vLLM's would).
 Lengths = Literal["predicted", "true", "none"]
@@ -46,18 +49,26 @@ class PolicySpec:
     ordering: Ordering
     lengths: Lengths
     # Continuous mode: "budget" admits in policy order while the predicted KV fits the GPU's
-    # budget; "everyone" sends all who wait at once and lets the engine queue and preempt.
+    # budget and the GPU runs fewer than its concurrency cap (capacity.py: where the engine's
+    # measured throughput stops growing), so the rest wait in Magnus's queue, where the policy
+    # orders them; "everyone" sends all who wait at once and lets the engine queue and preempt.
     admission: Literal["budget", "everyone"]
     # The engine modes the benchmark and simulator compare this policy in.
     benchmarked_in: frozenset[EngineMode]
     summary: str
+    # The engine orders instead (vLLM --scheduling-policy priority): every request is sent at
+    # once with its planned length as its priority, shortest first.
+    engine_priority: bool = False
 
     def __post_init__(self) -> None:
         assert self.name and self.name == self.name.strip().lower(), "policy names are lowercase"
         assert self.lengths != "none" or self.batching in ("arrival-fixed", "everyone"), (
             f"{self.name}: a policy without lengths cannot group by length")
-        assert self.lengths != "none" or self.ordering == "fcfs", (
-            f"{self.name}: a policy without lengths can only order by arrival")
+        assert self.lengths != "none" or self.ordering in ("fcfs", "hrrn-prompt"), (
+            f"{self.name}: a policy without lengths can only order by arrival or prompt")
+        assert not self.engine_priority or (self.admission == "everyone"
+                                            and self.lengths != "none"), (
+            f"{self.name}: engine priorities need lengths and the engine to hold the queue")
 
     @property
     def uses_predictions(self) -> bool:
@@ -70,15 +81,22 @@ class PolicySpec:
 
 
 _STATIC: frozenset[EngineMode] = frozenset({"static"})
+_CONTINUOUS: frozenset[EngineMode] = frozenset({"continuous"})
 _BOTH: frozenset[EngineMode] = frozenset({"static", "continuous"})
 
 # Order matters: it is the order of the benchmark's tables.
 POLICIES: dict[str, PolicySpec] = {spec.name: spec for spec in (
     PolicySpec("fcfs-fixed", "arrival-fixed", "fcfs", "none", "budget", _STATIC,
                "FCFS in fixed-size batches, runs to max_tokens (the paper's baseline)"),
-    PolicySpec("continuous-fcfs", "everyone", "fcfs", "none", "everyone",
-               frozenset({"continuous"}),
+    PolicySpec("continuous-fcfs", "everyone", "fcfs", "none", "everyone", _CONTINUOUS,
                "send everyone at once, in arrival order (plain vLLM)"),
+    PolicySpec("vllm-priority", "everyone", "sjf", "predicted", "everyone", _CONTINUOUS,
+               "send everyone at once with the predicted length as vLLM's priority (the "
+               "engine started with --scheduling-policy priority): what a vLLM user could do "
+               "alone with Magnus's predictor", engine_priority=True),
+    PolicySpec("prompt-hrrn", "everyone", "hrrn-prompt", "none", "budget", _CONTINUOUS,
+               "hold the queue like magnus, ranked by HRRN on prompt length alone (SGLang's "
+               "rule; no output-length prediction)"),
     PolicySpec("sjf-predicted", "length-sorted-fixed", "sjf", "predicted", "budget", _STATIC,
                "length-sorted fixed-size batches, shortest predicted first"),
     PolicySpec("magnus", "adaptive", "hrrn", "predicted", "budget", _BOTH,

@@ -69,7 +69,8 @@ async def _run_item(
     chat = ChatRequest(request_id=req.request_id, instruction=req.instruction,
                        user_input=req.input,
                        max_tokens=min(item.max_tokens, req.remaining_max_tokens),
-                       sampling=req.sampling, continuation=req.continuation)
+                       sampling=req.sampling, continuation=req.continuation,
+                       priority=item.engine_priority)
     try:
         out = await engine.generate(http, model, chat)
     except (httpx.HTTPError, EngineError, ValueError) as exc:

@@ -21,7 +21,7 @@ from services.engine.base import (
     ServerSpec,
     StreamChunk,
 )
-from services.engine.vllm import VllmEngine
+from services.engine.vllm import VllmEngine, chat_body
 from shared.schemas import SamplingParams
 from shared.settings import LauncherSettings
 
@@ -91,6 +91,15 @@ def test_generate_collects_a_streamed_completion() -> None:
     assert body["stream"] is True and body["model"] == "m" and body["max_tokens"] == 8
     assert body["messages"] == [{"role": "system", "content": "Be brief."},
                                 {"role": "user", "content": "hi"}]
+
+
+def test_ignore_eos_and_priority_are_sent_only_when_set() -> None:
+    assert "ignore_eos" not in chat_body("m", request())
+    assert "priority" not in chat_body("m", request())  # vLLM refuses it on a FCFS engine
+    forced = ChatRequest(request_id="r", instruction="", user_input="hi", max_tokens=8,
+                         sampling=SamplingParams(ignore_eos=True), priority=42)
+    body = chat_body("m", forced)
+    assert body["ignore_eos"] is True and body["priority"] == 42
 
 
 def test_a_continuation_resumes_the_assistant_turn() -> None:
@@ -193,6 +202,12 @@ def test_start_command_is_the_launchers_vllm_server(tmp_path: Path) -> None:
     assert (flags["--host"], flags["--port"]) == ("127.0.0.1", "9101")
     assert (flags["--dtype"], flags["--max-model-len"]) == ("bfloat16", "2048")
     assert "--enforce-eager" in cmd and "--disable-log-stats" not in cmd
+    assert "--scheduling-policy" not in cmd and "--num-gpu-blocks-override" not in cmd
+    cut = LauncherSettings(model_dir=tmp_path / "model", engine_scheduling_policy="priority",
+                           engine_num_gpu_blocks=64)
+    cut_cmd = engine.start_command(ServerSpec.from_settings(cut, gpu=0))
+    assert cut_cmd[cut_cmd.index("--scheduling-policy") + 1] == "priority"
+    assert cut_cmd[cut_cmd.index("--num-gpu-blocks-override") + 1] == "64"
     env = engine.start_env(spec)
     assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert env["TMPDIR"] == str(tmp_path / "engine1" / "tmp")

@@ -166,3 +166,54 @@ def test_ranking_once_per_instant_admits_what_per_gpu_admission_admits(
     pool = pool_for(config, waiting)
     got = plan(config, pool, states, 100.0, estimator)
     assert [(d.gpu, [w.request_id for w in d.members]) for d in got] == expected
+
+
+def test_continuous_admission_stops_at_the_concurrency_cap() -> None:
+    """A capped GPU takes at most its free slots; the rest stay in the pool, where the policy
+    orders them (the shortest planned first here: all arrived together)."""
+    waiting = [waiting_request(i, predicted=10 * (10 - i), queued_at=0.0, input_tokens=10)
+               for i in range(10)]
+    gpu = GpuState(0, 46_592, inflight_requests=1, max_running_requests=4)
+    (d,), left = _plan("magnus", waiting, [gpu], mode="continuous")
+    assert [w.request_id for w in d.members] == ["r9", "r8", "r7"]
+    assert left == 7
+    full = GpuState(0, 46_592, inflight_requests=4, inflight_kv_tokens=100,
+                    max_running_requests=4)
+    assert _plan("magnus", waiting, [full], mode="continuous")[0] == []
+    # Plain vLLM has no cap: the engine holds everyone.
+    everyone, left = _plan("continuous-fcfs", waiting, [full], mode="continuous")
+    assert len(everyone[0].members) == 10 and left == 0
+
+
+def test_cap_is_per_gpu_and_counts_this_instants_admissions() -> None:
+    waiting = [waiting_request(i, predicted=20, queued_at=float(i)) for i in range(10)]
+    gpus = [GpuState(0, 46_592, max_running_requests=3),
+            GpuState(1, 46_592, inflight_requests=1, inflight_kv_tokens=5,
+                     max_running_requests=3)]
+    dispatches, left = _plan("magnus", waiting, gpus, mode="continuous")
+    assert [(d.gpu, len(d.members)) for d in dispatches] == [(0, 3), (1, 2)]
+    assert left == 5
+    _check(dispatches, waiting, left)
+
+
+def test_engine_priority_is_the_planned_length_only_for_vllm_priority() -> None:
+    waiting = [waiting_request(i, predicted=p, queued_at=float(i))
+               for i, p in enumerate([30, 5, 300])]
+    (d,), _ = _plan("vllm-priority", waiting, [GpuState(0, 100, inflight_kv_tokens=90)],
+                    mode="continuous")
+    assert [w.request_id for w in d.members] == ["r0", "r1", "r2"]  # sent at once, in arrival
+    assert d.engine_priorities == (30, 5, 300)  # the engine runs the shortest first
+    (m,), _ = _plan("magnus", waiting, [GpuState(0, 46_592)], mode="continuous")
+    assert set(m.engine_priorities) == {None}
+
+
+def test_prompt_hrrn_ranks_by_prompt_not_by_prediction() -> None:
+    """Requests that waited alike: the shortest prompt first, whatever the predictor says."""
+    waiting = [waiting_request(0, predicted=5, queued_at=90.0, input_tokens=900),
+               waiting_request(1, predicted=400, queued_at=90.0, input_tokens=20)]
+    (d,), _ = _plan("prompt-hrrn", waiting, [GpuState(0, 46_592, max_running_requests=1)],
+                    mode="continuous")
+    assert [w.request_id for w in d.members] == ["r1"]
+    (m,), _ = _plan("magnus", waiting, [GpuState(0, 46_592, max_running_requests=1)],
+                    mode="continuous")
+    assert [w.request_id for w in m.members] == ["r0"]
