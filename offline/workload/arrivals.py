@@ -1,4 +1,5 @@
-"""Arrival processes for replaying the workload: Poisson, or a rescaled Azure trace window."""
+"""Arrival processes for replaying the workload: Poisson, bursty (gamma), or a rescaled Azure
+trace window."""
 
 from __future__ import annotations
 
@@ -29,6 +30,23 @@ def poisson_arrivals(rate_per_s: float, n: int, seed: int) -> list[float]:
     t = 0.0
     for _ in range(n):
         t += rng.expovariate(rate_per_s)
+        arrivals.append(t)
+    return arrivals
+
+
+def gamma_arrivals(rate_per_s: float, n: int, seed: int, cv: float = 2.0) -> list[float]:
+    """``n`` sorted arrival offsets (s) with gamma-distributed gaps: mean rate ``rate_per_s`` and
+    coefficient of variation ``cv`` (1 is Poisson; larger is burstier: `vllm bench serve`'s
+    --burstiness is 1 / cv^2)."""
+    _check(rate_per_s, n)
+    if not (math.isfinite(cv) and cv > 0):
+        raise ValueError(f"cv must be a finite number > 0, got {cv!r}")
+    shape = 1.0 / cv**2
+    rng = random.Random(seed)
+    arrivals: list[float] = []
+    t = 0.0
+    for _ in range(n):
+        t += rng.gammavariate(shape, 1.0 / (rate_per_s * shape))
         arrivals.append(t)
     return arrivals
 

@@ -7,10 +7,11 @@ import itertools
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from offline.workload import build
-from offline.workload.arrivals import azure_trace_arrivals, poisson_arrivals
+from offline.workload.arrivals import azure_trace_arrivals, gamma_arrivals, poisson_arrivals
 from offline.workload.catalog import (
     APPS_FILE,
     ARRIVALS_FILE,
@@ -152,6 +153,20 @@ def test_arrivals_file_header() -> None:
 
 
 # --- arrivals --------------------------------------------------------------------------------
+
+
+def test_gamma_arrivals_keep_the_rate_and_are_burstier_than_poisson() -> None:
+    def gap_cv(a: list[float]) -> float:
+        gaps = np.diff([0.0, *a])
+        return float(np.std(gaps) / np.mean(gaps))
+
+    bursty = gamma_arrivals(4.0, 20_000, seed=3, cv=2.0)
+    assert bursty == sorted(bursty) and bursty == gamma_arrivals(4.0, 20_000, seed=3, cv=2.0)
+    assert 20_000 / bursty[-1] == pytest.approx(4.0, rel=0.05)
+    assert gap_cv(bursty) == pytest.approx(2.0, rel=0.1)
+    assert gap_cv(gamma_arrivals(4.0, 20_000, seed=3, cv=1.0)) == pytest.approx(1.0, rel=0.05)
+    with pytest.raises(ValueError, match="cv"):
+        gamma_arrivals(4.0, 10, seed=0, cv=0.0)
 
 
 def test_poisson_deterministic_sorted_and_rate() -> None:
