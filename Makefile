@@ -14,7 +14,7 @@ run: model
 test: model
 	@$(PY) -m pytest
 
-# Benchmarks (docs/benchmarks.md): `make bench` is the default run (about 20 min on 2 cores).
+# Benchmarks (docs/benchmarks.md): `make bench` is the load sweep (about 45 min on 2 cores).
 bench: model
 	@$(PY) -m bench
 

@@ -1,9 +1,13 @@
 """`python -m bench` (`make bench`): the one-command benchmark.
 
-    python -m bench                 default: the real-stack table (every policy, both engine
-                                    modes, 60 test-split requests at 2 req/s; about 20 min on
-                                    2 cores), the simulator on the same configuration beside it,
-                                    then docs/benchmarks.md's tables
+    python -m bench                 default: the load sweep (bench/load_sweep.py: Magnus against
+                                    plain vLLM and the baselines from 0.3x to 1.5x the engine's
+                                    measured capacity; about 45 min on 2 cores)
+    python -m bench load [ARGS]     the same, with bench/load_sweep.py's options (--long: more)
+    python -m bench table           the earlier default: the real-stack table (every policy, both
+                                    engine modes, 60 test-split requests at 2 req/s; about 20 min),
+                                    the simulator on the same configuration beside it, then
+                                    docs/benchmarks.md's tables
     python -m bench real [ARGS]     only the real stack (bench/real_stack.py's options)
     python -m bench sweep [ARGS]    the real-stack load sweep: 40 requests at 0.5, 1 and 2 req/s,
                                     fcfs-fixed and magnus (static), continuous-fcfs and magnus
@@ -33,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd in ("-h", "--help", "help"):
         print(__doc__)
         return 0
-    from bench import engine_profile, real_stack, report, sim_run
+    from bench import engine_profile, load_sweep, real_stack, report, sim_run
 
     if cmd == "real":
         return real_stack.main(rest)
@@ -45,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         return engine_profile.main(rest)
     if cmd == "report":
         return report.main(rest)
-    if cmd != "all":
+    if cmd in ("all", "load"):
+        return load_sweep.main(rest)
+    if cmd != "table":
         print(__doc__)
         return 2
     started = time.monotonic()

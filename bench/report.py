@@ -1,6 +1,7 @@
 """docs/benchmarks.md's generated blocks, from the results the benchmark commands wrote.
 
-Reads results/real_stack.json (the default real-stack run), and when they exist
+Reads results/real_stack.json (the earlier default real-stack run), and when they exist
+results/load_sweep.json (the default load sweep),
 results/real_sweep.json (the real load sweep), results/sim_real_default.json (the simulator on
 the same configuration) and results/sim_scale.json (8 and 64 simulated GPUs). Every figure in the
 blocks is computed here from those files; the prose around the blocks is hand-written.
@@ -151,6 +152,78 @@ def sweep_block(sweep: dict[str, Any] | None) -> str:
             + table(summaries(sweep["rows"])))
 
 
+# Issue 11's targets on the load sweep: (name, numerator policy, denominator policy, metric,
+# bound, at_least), each judged on the rows of one point (one run of arrivals, same requests).
+LoadTarget = tuple[str, str, str, str, float, bool]
+LOAD_TARGETS_CONTINUOUS: list[LoadTarget] = [
+    ("magnus / vllm-direct mean e2e", "magnus", "vllm-direct", "mean_e2e_s", 0.5, False),
+    ("magnus / vllm-direct p99 e2e", "magnus", "vllm-direct", "p99_e2e_s", 1.2, False),
+    ("magnus / vllm-direct throughput", "magnus", "vllm-direct", "throughput_rps", 0.97, True),
+    ("magnus / vllm-priority mean e2e", "magnus", "vllm-priority", "mean_e2e_s", 1.0, False),
+    ("magnus / prompt-hrrn mean e2e", "magnus", "prompt-hrrn", "mean_e2e_s", 1.0, False),
+    ("magnus / magnus-oracle mean e2e", "magnus", "magnus-oracle", "mean_e2e_s", 1.15, False),
+]
+LOW_LOAD_TARGET: LoadTarget = ("magnus / vllm-direct mean e2e (control-plane overhead)", "magnus",
+                               "vllm-direct", "mean_e2e_s", 1.05, False)
+LOAD_TARGETS_STATIC: list[LoadTarget] = [
+    ("magnus / magnus-oracle throughput (= gain over fcfs-fixed / oracle's gain)", "magnus",
+     "magnus-oracle", "throughput_rps", 0.9, True),
+    ("magnus / magnus-oracle mean e2e", "magnus", "magnus-oracle", "mean_e2e_s", 1.15, False),
+    ("magnus / fcfs-fixed throughput (ceiling measured here: 2.78)", "magnus", "fcfs-fixed",
+     "throughput_rps", 2.78 * 0.9, True),
+    ("magnus / fcfs-fixed mean e2e (ceiling measured here: 0.18)", "magnus", "fcfs-fixed",
+     "mean_e2e_s", 0.18 / 0.9, False),
+]
+
+
+def _point_key(r: dict[str, Any]) -> tuple[str, str, str, float]:
+    return (r["mode"], r["kv"], r["arrivals"], float(r["load"]))
+
+
+def load_targets_block(load: dict[str, Any] | None) -> str:
+    if load is None:
+        return "(not run yet: `make bench` writes results/load_sweep.json)\n"
+    points: dict[tuple[str, str, str, float], dict[str, dict[str, Any]]] = {}
+    for r in load["rows"]:
+        points.setdefault(_point_key(r), {})[r["policy"]] = r
+    lines = ["| point (mode, KV, arrivals, load) | target | wanted | measured |",
+             "|---|---|---|---|"]
+    for (mode, kv, kind, at), by_policy in sorted(points.items()):
+        if mode == "static":
+            targets = LOAD_TARGETS_STATIC
+        elif at >= 1.0:
+            targets = LOAD_TARGETS_CONTINUOUS
+        elif at <= 0.3:
+            targets = [LOW_LOAD_TARGET]
+        else:
+            continue
+        where = f"{mode}, {kv}, {kind}" + ("" if kind == "burst" else f", {at:g}x")
+        for name, num, den, metric, bound, at_least in targets:
+            a, b = by_policy.get(num), by_policy.get(den)
+            if a is None or b is None or not a.get(metric) or not b.get(metric):
+                continue
+            ratio = float(a[metric]) / float(b[metric])
+            ok = ratio >= bound if at_least else ratio <= bound
+            lines.append(f"| {where} | {name} | {'>=' if at_least else '<='} {bound:.2f} | "
+                         f"{ratio:.2f} ({'met' if ok else 'NOT met'}) |")
+    return "\n".join(lines) + "\n"
+
+
+def load_block(load: dict[str, Any] | None) -> str:
+    if load is None:
+        return "(not run yet: `make bench` writes results/load_sweep.json)\n"
+    from bench.load_sweep import Point, table
+
+    kv = load["kv_pressure"]
+    head = (f"Capacity {load['capacity_rps']:.3f} req/s (saturation run); cut KV cache "
+            f"{load['cut_blocks']} blocks ({kv['cut_kv_tokens']} tokens); SLO: e2e <= "
+            f"{load['slo']['slowdown']:g}x own service time and TTFT <= "
+            f"{load['slo']['ttft_s']:g} s; "
+            f"{load['machine']['cpus']} CPUs, vllm {load['machine']['vllm']}; finished "
+            f"{load['finished_at']}, wall time {load['wall_s'] / 60:.1f} min.\n\n")
+    return head + table([Point(**r) for r in load["rows"]])
+
+
 def update(doc: Path, blocks: dict[str, str]) -> None:
     """Replace each `<!-- bench:NAME -->` ... `<!-- /bench:NAME -->` block's body."""
     text = doc.read_text()
@@ -173,13 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     if real is None:
         print("no results/real_stack.json: run `python -m bench real` first")
         return 1
-    scale, sim_real, sweep = (_load("sim_scale.json"), _load("sim_real_default.json"),
-                              _load("real_sweep.json"))
+    scale, sim_real, sweep, load = (_load("sim_scale.json"), _load("sim_real_default.json"),
+                                    _load("real_sweep.json"), _load("load_sweep.json"))
     blocks: dict[str, Callable[[], str]] = {
         "real": lambda: real_block(real),
         "targets": lambda: targets_block(real, scale),
         "validation": lambda: validation_block(sim_real, real),
         "sweep": lambda: sweep_block(sweep),
+        "load": lambda: load_block(load),
+        "load-targets": lambda: load_targets_block(load),
     }
     rendered = {name: make() for name, make in blocks.items()}
     print(rendered["real"] + "\n" + rendered["targets"])

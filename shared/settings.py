@@ -102,6 +102,9 @@ class SchedulerSettings(MagnusSettings):
     # capacity.py). The rest wait in the scheduler's pool, where the policy orders them.
     max_running_requests: int | None = Field(default=None, ge=1)
     engine_profile_path: Path | None = REPO_ROOT / "results" / "engine_profile_cpu.json"
+    # Preferred over the decode profile when it exists: throughput measured through the
+    # engine's server at several concurrencies on the workload (`python -m bench load`).
+    serving_curve_path: Path | None = REPO_ROOT / "results" / "serving_curve_cpu.json"
     throughput_share: float = Field(default=0.97, gt=0.0, le=1.0)
     gpus: int = Field(default=1, ge=1)
     tick_s: float = Field(default=0.02, gt=0)

