@@ -44,17 +44,21 @@ def run(argv: list[str]) -> int:
         print("magnus: starting (engine start-up takes about 30 s) ...", flush=True)
         stack.start()
         ready.set()
+        stack.start_supervision()
+        durable = ("" if settings.redis_url else
+                   f"; accepted requests persist in {settings.run_dir / 'redis'} (fsync every "
+                   "second)" if settings.redis_persist else "; MAGNUS_REDIS_PERSIST=false: "
+                   "nothing persists")
         print(f"magnus: ready. API at {stack.ingress_url}  (docs at {stack.ingress_url}/docs)\n"
-              f"  redis {stack.redis_url}; logs in {stack.log_dir}\n"
+              f"  redis {stack.redis_url}{durable}; logs in {stack.log_dir}\n"
+              "  a service that dies is restarted (see the log); Ctrl-C stops everything.\n"
               f"  try: curl -s -XPOST {stack.ingress_url}/v1/requests -H 'content-type: "
               "application/json' -d '{\"app_id\":\"qa\",\"instruction\":\"Answer in one "
-              "sentence.\",\"input\":\"What is the capital of France?\",\"max_tokens\":32}'\n"
-              "  Ctrl-C stops everything.", flush=True)
-        while not stop.wait(2.0):
-            dead = stack.check_alive()
-            if dead:
-                print(f"magnus: {', '.join(dead)} exited; stopping (see {stack.log_dir})",
-                      file=sys.stderr)
+              "sentence.\",\"input\":\"What is the capital of France?\",\"max_tokens\":32}'",
+              flush=True)
+        while not stop.wait(1.0):
+            if stack.gave_up:
+                print(f"magnus: stopping: {stack.gave_up}", file=sys.stderr)
                 return 1
         return 0
     finally:

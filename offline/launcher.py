@@ -4,6 +4,11 @@ Starts Redis (the one at REDIS_URL, else an embedded server: the binary in the `
 `redis-server` on PATH), then per GPU one vLLM OpenAI-compatible server and one Celery worker beside
 it, then the predictor, the scheduler and ingress. Every child runs in its own process group and is
 told to die with the launcher, so stopping leaves no orphan.
+
+Supervision (`start_supervision`, what `make run` uses): a service that dies is restarted with
+backoff while the others keep serving (offline/supervision.py decides when, and when to give up);
+the embedded Redis comes back on the same port with its append-only file, so what was accepted
+survives.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +30,7 @@ from typing import IO
 
 import httpx
 
+from offline.supervision import RestartPolicy
 from services.engine import get_engine
 from services.engine.base import ServerSpec
 from services.scheduler.registry import get_policy
@@ -74,6 +81,10 @@ def _wait_group_gone(pgid: int, timeout_s: float) -> bool:
     return False
 
 
+class ServiceKeepsDying(RuntimeError):
+    """A service died more often than the restart policy allows: a restart will not fix it."""
+
+
 @dataclass
 class Child:
     name: str
@@ -95,7 +106,15 @@ class Stack:
     children: list[Child] = field(default_factory=list)
     redis_url: str = ""
     ingress_url: str = ""
+    # Supervision: restarts made per service, and why the supervisor gave up (None: it has not).
+    restarts: dict[str, int] = field(default_factory=dict)
+    gave_up: str | None = None
     _logs: list[IO[bytes]] = field(default_factory=list)
+    _deaths: dict[str, list[float]] = field(default_factory=dict)
+    _restart_at: dict[str, float] = field(default_factory=dict)
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+    _supervisor: threading.Thread | None = None
+    _stop_supervising: threading.Event = field(default_factory=threading.Event)
 
     @property
     def log_dir(self) -> Path:
@@ -142,8 +161,12 @@ class Stack:
         port = free_port()
         data_dir = self.settings.run_dir / "redis"
         data_dir.mkdir(parents=True, exist_ok=True)
+        # Persisted: an append-only file fsynced every second, reloaded by the next start (and
+        # by a restart under supervision, which reuses this command and so this port).
+        durability = (["--appendonly", "yes", "--appendfsync", "everysec"]
+                      if self.settings.redis_persist else ["--appendonly", "no"])
         self._spawn("redis", [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
-                              "--save", "", "--appendonly", "no", "--dir", str(data_dir)], {})
+                              "--save", "", *durability, "--dir", str(data_dir)], {})
         self.redis_url = f"redis://127.0.0.1:{port}/0"
 
     def start_engine(self, gpu: int) -> Child:
@@ -219,6 +242,10 @@ class Stack:
     def restart(self, name: str, extra_env: dict[str, str] | None = None) -> Child:
         """Stop one service and start it again with extra settings (a benchmark switching the
         scheduler's policy keeps the engines loaded)."""
+        with self._lock:
+            return self._restart(name, extra_env)
+
+    def _restart(self, name: str, extra_env: dict[str, str] | None) -> Child:
         (old,) = [c for c in self.children if c.name == name]
         with contextlib.suppress(ProcessLookupError):
             os.killpg(old.proc.pid, signal.SIGTERM)
@@ -234,9 +261,66 @@ class Stack:
     def check_alive(self) -> list[str]:
         return [c.name for c in self.children if not c.alive()]
 
+    # --- supervision ------------------------------------------------------------------------
+    def supervise(self, now: float) -> None:
+        """One pass: note services that died since the last pass, restart those whose backoff
+        is over. `ServiceKeepsDying` when one died more often than the policy allows."""
+        policy = RestartPolicy.from_settings(self.settings)
+        with self._lock:
+            for child in list(self.children):
+                if child.alive() or child.name in self._restart_at:
+                    continue
+                # What the dead process started (vLLM's engine core, say) goes with it.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.proc.pid, signal.SIGKILL)
+                _wait_group_gone(child.proc.pid, timeout_s=10)
+                deaths = self._deaths.setdefault(child.name, [])
+                deaths.append(now)
+                delay = policy.delay_s(deaths, now)
+                if delay is None:
+                    raise ServiceKeepsDying(
+                        f"{child.name} died {len(deaths)} times within "
+                        f"{policy.window_s:.0f} s (exit code {child.proc.returncode}); "
+                        f"see {child.log_path}")
+                log.warning("%s exited (code %s); restarting in %.1f s", child.name,
+                            child.proc.returncode, delay)
+                self._restart_at[child.name] = now + delay
+            for name, at in list(self._restart_at.items()):
+                if now < at:
+                    continue
+                del self._restart_at[name]
+                (old,) = [c for c in self.children if c.name == name]
+                self.children.remove(old)
+                self._spawn(name, old.cmd, old.env, old.cwd)
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+
+    def start_supervision(self, interval_s: float = 0.5) -> None:
+        """Supervise in a background thread until `stop`; `gave_up` says why it stopped early."""
+
+        def loop() -> None:
+            while not self._stop_supervising.wait(interval_s):
+                try:
+                    self.supervise(time.monotonic())
+                except ServiceKeepsDying as exc:
+                    self.gave_up = str(exc)
+                    log.error("giving up: %s", exc)
+                    return
+
+        self._stop_supervising.clear()
+        self._supervisor = threading.Thread(target=loop, name="supervisor", daemon=True)
+        self._supervisor.start()
+
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM every service's process group, then Redis once they have exited (so none dies
         mid-read of a vanished Redis); SIGKILL whatever outlives the grace period."""
+        self._stop_supervising.set()  # before any SIGTERM: nothing stopped here is restarted
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=30)
+            self._supervisor = None
+        with self._lock:
+            self._stop_children(grace_s)
+
+    def _stop_children(self, grace_s: float) -> None:
         services = [c for c in reversed(self.children) if c.name != "redis"]
         redis_children = [c for c in self.children if c.name == "redis"]
         for group in (services, redis_children):

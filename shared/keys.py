@@ -26,6 +26,9 @@ SCHEDULER_WAITING = f"{PREFIX}:scheduler:waiting"
 # renewed, so a dead leader is replaced.
 SCHEDULER_LEADER = f"{PREFIX}:scheduler:leader"
 METRICS = f"{PREFIX}:metrics"
+# Every accepted request not yet final (id -> queued time): what backpressure counts, whichever
+# stage a request is in (an incoming stream nobody reads still fills it).
+OPEN_REQUESTS = f"{PREFIX}:requests:open"
 # Observed batch records, the serving-time estimator's memory across scheduler restarts.
 BATCH_RECORDS = f"{PREFIX}:scheduler:batch-records"
 BATCH_RECORDS_MAXLEN = 2000

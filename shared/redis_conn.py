@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import redis
@@ -24,3 +25,35 @@ def connect(url: str, timeout_s: float = 30.0) -> redis.Redis:
             log.info("waiting for redis at %s", url)
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+# Redis unreachable, restarting or still loading its append-only file: wait and retry. Any other
+# Redis error (a wrong type, a script error) is a bug and propagates.
+REDIS_DOWN: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
+
+
+class RedisOutage:
+    """Backoff while Redis is unreachable, for a service loop that must ride it out: `failed`
+    after each failed step (it logs the first, then waits 0.1 s doubling to `max_delay_s`),
+    `recovered` after the first step that succeeds again (True once per outage, so the caller
+    can resync what it keeps in memory)."""
+
+    def __init__(self, service: str, max_delay_s: float = 5.0) -> None:
+        self.service, self.max_delay_s = service, max_delay_s
+        self.down_since: float | None = None
+        self.delay = 0.1
+
+    def failed(self, exc: Exception, stop: threading.Event) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            log.warning("%s: redis unreachable (%s: %s); retrying with backoff", self.service,
+                        type(exc).__name__, exc)
+        stop.wait(self.delay)
+        self.delay = min(self.delay * 2, self.max_delay_s)
+
+    def recovered(self) -> bool:
+        if self.down_since is None:
+            return False
+        log.info("%s: redis back after %.1f s", self.service, time.monotonic() - self.down_since)
+        self.down_since, self.delay = None, 0.1
+        return True

@@ -251,7 +251,7 @@ _ID_PATTERN = r"^[A-Za-z0-9._:@/-]{1,128}$"
 class SubmitRequest(BaseModel):
     """The body of `POST /v1/requests`. Unknown fields are refused: a typo is not silently lost."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False, allow_inf_nan=False)
     app_id: str = Field(pattern=_ID_PATTERN, description="application id")
     instruction: str = Field(default="", max_length=8_000, description="app-level instruction")
     input: str = Field(min_length=1, description="the user's input")

@@ -44,8 +44,13 @@ class IngressSettings(MagnusSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     max_tokens_limit: int = Field(default=1024, ge=1)
     max_input_chars: int = Field(default=32_000, ge=1)
-    # Backpressure: above this many requests not yet in a final state, submissions get 429.
+    # Backpressure: above this many requests not yet in a final state (any stage), submissions
+    # get 429 with Retry-After.
     max_pending_requests: int = Field(default=10_000, ge=1)
+    retry_after_s: int = Field(default=1, ge=1)
+    # POST /v1/chat/completions waits at most this long for the answer (then 504; the request
+    # stays pollable by its id).
+    chat_timeout_s: float = Field(default=600.0, gt=0)
 
 
 class PredictorSettings(MagnusSettings):
@@ -54,6 +59,10 @@ class PredictorSettings(MagnusSettings):
     # Per-app linear fit needs this many observations of the app; fewer falls back to its mean.
     min_samples_per_app: int = Field(default=8, ge=2)
     retrain_every: int = Field(default=50, ge=1)
+    # Entries a stopped predictor read and never acknowledged are taken over once idle this
+    # long (a live predictor acknowledges within one step), checked every claim_interval_s.
+    claim_idle_s: float = Field(default=30.0, gt=0)
+    claim_interval_s: float = Field(default=10.0, gt=0)
     read_count: int = Field(default=64, ge=1)
     # The learned model (services/predictor/model.py). None: MAGNUS_ARTIFACT_PATH unset, so the
     # service takes .cache/predictor/predictor.npz, else models/predictor/predictor.npz, else
@@ -118,6 +127,9 @@ class WorkerSettings(MagnusSettings):
     gpu: int = Field(default=0, ge=0)
     engine_url: str = "http://127.0.0.1:8100"
     engine_timeout_s: float = Field(default=600.0, gt=0)
+    # At start-up the worker takes nothing from its queue until its engine serves, for at most
+    # this long (then it exits and its supervisor restarts it).
+    engine_ready_timeout_s: float = Field(default=600.0, gt=0)
     heartbeat_s: float = Field(default=2.0, gt=0)
     # Used only if the engine's metrics do not report its KV cache.
     kv_budget_tokens_override: int | None = Field(default=None, ge=1)
@@ -143,6 +155,17 @@ class LauncherSettings(MagnusSettings):
     # Celery threads per worker in continuous mode (each runs one admitted group on the engine).
     continuous_worker_threads: int = Field(default=64, ge=1)
     run_dir: Path = REPO_ROOT / "run"
+    # The embedded Redis keeps an append-only file under run_dir/redis (fsync every second: at
+    # most the last second of writes is lost if the machine dies) and reloads it on the next
+    # start, so accepted requests survive a restart. Benchmarks turn it off: each starts clean.
+    redis_persist: bool = True
+    # Supervision: a service that dies is restarted after a backoff (restart_backoff_s, doubled
+    # for each further death within restart_window_s, at most restart_backoff_max_s); one that
+    # dies more than max_restarts times within the window stops the stack.
+    restart_backoff_s: float = Field(default=1.0, gt=0)
+    restart_backoff_max_s: float = Field(default=30.0, gt=0)
+    restart_window_s: float = Field(default=300.0, gt=0)
+    max_restarts: int = Field(default=5, ge=0)
 
     @model_validator(mode="after")
     def _ports_disjoint(self) -> LauncherSettings:

@@ -20,6 +20,8 @@ from shared.schemas import FINAL_STATUSES, Prediction, QueuedRequest, RequestRes
 class HashWriter(Protocol):
     def hset(self, name: str, *args: Any, **kwargs: Any) -> Any: ...
     def expire(self, name: str, time: int) -> Any: ...
+    def zadd(self, name: str, mapping: Any, *args: Any, **kwargs: Any) -> Any: ...
+    def zrem(self, name: str, *values: Any) -> Any: ...
 
 
 def record_queued(r: HashWriter, req: QueuedRequest) -> None:
@@ -38,6 +40,7 @@ def record_queued(r: HashWriter, req: QueuedRequest) -> None:
         },
     )
     r.expire(keys.request(req.request_id), keys.REQUEST_TTL_S)
+    r.zadd(keys.OPEN_REQUESTS, {req.request_id: req.queued_at})
 
 
 def record_transition(
@@ -78,6 +81,7 @@ def record_result(r: HashWriter, res: RequestResult) -> None:
     # `finished_at` is the stage timestamp of the final status, named the same for both outcomes.
     fields["finished_at"] = repr(res.finished_at)
     record_transition(r, res.request_id, status, res.finished_at, **fields)
+    r.zrem(keys.OPEN_REQUESTS, res.request_id)
 
 
 def record_failed(r: HashWriter, request_id: str, at: float, reason: str) -> None:
@@ -85,6 +89,12 @@ def record_failed(r: HashWriter, request_id: str, at: float, reason: str) -> Non
     batch could not be read): final, with the reason the poll API shows."""
     record_transition(r, request_id, RequestStatus.FAILED, at, finish_reason="error",
                       error=reason[:500], finished_at=repr(at))
+    r.zrem(keys.OPEN_REQUESTS, request_id)
+
+
+def open_requests(r: redis.Redis) -> int:
+    """Accepted and not yet final, in every stage: what backpressure limits."""
+    return int(r.zcard(keys.OPEN_REQUESTS))
 
 
 def statuses(r: redis.Redis, request_ids: Sequence[str]) -> dict[str, RequestStatus | None]:

@@ -143,20 +143,26 @@ class GroupReader:
                                   block=block_ms)
         return reply[0][1] if reply else []
 
-    def claim_all_pending(self) -> int:
+    def claim_all_pending(self, min_idle_ms: int = 0) -> int:
         """Take over entries other consumers of the group read but never acknowledged (a leader
-        that died mid-step); they are re-read as this consumer's own pending entries."""
+        that died mid-step, a predictor killed mid-batch) and left idle at least `min_idle_ms`;
+        they are re-read as this consumer's own pending entries."""
         claimed, start = 0, "0-0"
         while True:
             # The full reply form carries the cursor (justid=True drops it in redis-py).
-            reply = self.r.xautoclaim(self.stream, self.group, self.consumer, min_idle_time=0,
-                                      start_id=start, count=500)
+            reply = self.r.xautoclaim(self.stream, self.group, self.consumer,
+                                      min_idle_time=min_idle_ms, start_id=start, count=500)
             start, entries = reply[0], reply[1]
             claimed += len(entries)
             if start in ("0-0", b"0-0"):
                 break
         self._pending_done = False
         return claimed
+
+    def reread_pending(self) -> None:
+        """Read this consumer's unacknowledged entries again first (after a failed step: its
+        acknowledgement may not have reached Redis)."""
+        self._pending_done = False
 
     def ack(self, pipe: redis.client.Pipeline, entry_ids: list[str]) -> None:
         if entry_ids:
@@ -204,8 +210,11 @@ class StreamReader(Generic[M]):
     def ack(self, pipe: redis.client.Pipeline, entry_ids: list[str]) -> None:
         self.raw.ack(pipe, entry_ids)
 
-    def claim_all_pending(self) -> int:
-        return self.raw.claim_all_pending()
+    def claim_all_pending(self, min_idle_ms: int = 0) -> int:
+        return self.raw.claim_all_pending(min_idle_ms)
+
+    def reread_pending(self) -> None:
+        self.raw.reread_pending()
 
     def _refuse(self, refused: list[Refused]) -> None:
         """Fail the refused entries' requests that are still open, and acknowledge the entries,

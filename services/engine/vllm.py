@@ -188,7 +188,7 @@ class VllmEngine:
         started = time.time()
         first_token_at: float | None = None
         parts: list[str] = []
-        finish_reason = "stop"
+        finish_reason: str | None = None
         prompt_tokens = completion_tokens = 0
         async with contextlib.aclosing(self.stream(http, model, request)) as chunks:
             async for chunk in chunks:
@@ -201,6 +201,11 @@ class VllmEngine:
                     prompt_tokens = chunk.prompt_tokens
                 if chunk.completion_tokens is not None:
                     completion_tokens = chunk.completion_tokens
+        if finish_reason is None:
+            # The stream closed without saying why it stopped (the engine shut down mid-answer):
+            # a truncated answer is an error, never a completion.
+            raise EngineError(f"request {request.request_id}: the engine's stream ended without "
+                              f"a finish reason after {completion_tokens} tokens (truncated)")
         return ChatOutcome(
             text="".join(parts),
             prompt_tokens=prompt_tokens,

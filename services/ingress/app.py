@@ -20,25 +20,58 @@ from typing import Annotated, Any, Literal
 
 import redis
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.engine import get_engine
 from services.ingress.tokens import PromptCounter
 from shared import keys, state, streams
 from shared.redis_conn import connect
-from shared.schemas import QueuedRequest, RequestStatus, SubmitRequest, SubmitResponse
+from shared.schemas import (
+    QueuedRequest,
+    RequestStatus,
+    SubmitRequest,
+    SubmitResponse,
+)
 from shared.settings import IngressSettings
 
 
 class ApiError(Exception):
     """A client error about one field, answered as a FastAPI-style validation detail."""
 
-    def __init__(self, status_code: int, field: str, message: str) -> None:
+    def __init__(self, status_code: int, field: str, message: str,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status_code, self.field, self.message = status_code, field, message
+        self.headers = headers
+
+
+# An error echoes at most this much of the offending value: a 100 kB field is not sent back.
+_EXCERPT_CHARS = 80
+
+
+def _excerpt(value: Any) -> str:
+    """A short, always-serialisable rendering of an offending input (NaN, a lone surrogate and
+    huge strings included)."""
+    text = repr(value)
+    if len(text) > _EXCERPT_CHARS:
+        text = text[:_EXCERPT_CHARS] + f"... ({len(text)} chars)"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _clean_errors(errors: Any) -> list[dict[str, Any]]:
+    """Validation errors as plain JSON: location, message, type and an excerpt of the input
+    (pydantic's own `input` and `ctx` can hold NaN, surrogates or exceptions)."""
+    out = []
+    for e in errors:
+        item: dict[str, Any] = {"loc": [str(p) for p in e.get("loc", ())],
+                                "msg": str(e.get("msg", "invalid")),
+                                "type": str(e.get("type", "value_error"))}
+        if "input" in e:
+            item["input"] = _excerpt(e["input"])
+        out.append(item)
+    return out or [{"loc": ["body"], "msg": "invalid request", "type": "value_error"}]
 
 
 def _error_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
@@ -53,17 +86,19 @@ class ChatMessage(BaseModel):
     content: str
 
 
+
 class ChatCompletionRequest(BaseModel):
     """The subset of OpenAI's chat request Magnus serves. `model` names the app."""
 
-    model_config = ConfigDict(extra="ignore")
-    model: str
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model: str = Field(min_length=1, max_length=256)
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    user: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    user: str | None = Field(default=None, max_length=256)
+
 
 
 @dataclass(frozen=True)
@@ -115,8 +150,9 @@ def validate_and_build(ingress: IngressState, body: SubmitRequest) -> QueuedRequ
 
 def enqueue(ingress: IngressState, req: QueuedRequest) -> None:
     r = ingress.redis
-    if r.zcard(keys.SCHEDULER_WAITING) >= ingress.settings.max_pending_requests:
-        raise ApiError(429, "body", "too many requests waiting; retry later")
+    if state.open_requests(r) >= ingress.settings.max_pending_requests:
+        raise ApiError(429, "body", "too many requests in the system; retry later",
+                       headers={"Retry-After": str(ingress.settings.retry_after_s)})
     pipe = r.pipeline(transaction=True)
     state.record_queued(pipe, req)
     streams.publish(pipe, streams.INCOMING, req)
@@ -144,26 +180,57 @@ def poll(request_id: str, ingress: Ingress) -> state.RequestView | JSONResponse:
     return view
 
 
-@router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest,
-                           ingress: Ingress) -> dict[str, Any] | JSONResponse:
+def chat_submit_body(body: ChatCompletionRequest) -> SubmitRequest:
+    """The submit body a chat request maps to; `ApiError` naming the chat field that does not
+    fit."""
     users = [m.content for m in body.messages if m.role == "user"]
     if not users:
         raise ApiError(422, "messages", "messages must contain a user message")
-    submit_body = SubmitRequest(
-        app_id=body.model if _valid_id(body.model) else "openai",
-        instruction="\n".join(m.content for m in body.messages if m.role == "system"),
-        input=users[-1], user_id=body.user if body.user and _valid_id(body.user)
-        else "anonymous", max_tokens=body.max_completion_tokens or body.max_tokens or 256,
-        temperature=body.temperature, top_p=body.top_p,
-    )
+    if not users[-1].strip():
+        raise ApiError(422, "messages", "the last user message must contain non-whitespace text")
+    max_tokens = body.max_completion_tokens or body.max_tokens or 256
+    try:
+        return SubmitRequest(
+            app_id=body.model if _valid_id(body.model) else "openai",
+            instruction="\n".join(m.content for m in body.messages if m.role == "system"),
+            input=users[-1], user_id=body.user if body.user and _valid_id(body.user)
+            else "anonymous", max_tokens=max_tokens,
+            temperature=body.temperature, top_p=body.top_p,
+        )
+    except ValidationError as exc:  # e.g. a system prompt over the instruction limit
+        first = exc.errors()[0]
+        submit_field = str(first["loc"][0]) if first["loc"] else "body"
+        raise ApiError(422, _CHAT_FIELD.get(submit_field, submit_field), str(first["msg"])
+                       ) from None
+
+
+# Where a submit field comes from in a chat request: errors name the field the client sent.
+_CHAT_FIELD = {"instruction": "messages", "input": "messages", "app_id": "model",
+               "user_id": "user"}
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           ingress: Ingress) -> dict[str, Any] | JSONResponse:
+    submit_body = chat_submit_body(body)
     # Tokenizing and Redis calls block: off the event loop.
     req = await asyncio.to_thread(validate_and_build, ingress, submit_body)
     await asyncio.to_thread(enqueue, ingress, req)
+    deadline = time.monotonic() + ingress.settings.chat_timeout_s
     while True:
         view = await asyncio.to_thread(read_view, ingress, req.request_id)
         if view is not None and view.is_final:
             break
+        if await request.is_disconnected():
+            # Nobody is listening: stop polling. The request itself runs on and stays
+            # pollable by its id (cancellation is not built yet).
+            return JSONResponse(status_code=499, content={
+                "message": f"client disconnected; request {req.request_id} continues"})
+        if time.monotonic() > deadline:
+            return JSONResponse(status_code=504, content={
+                "message": f"no answer within {ingress.settings.chat_timeout_s:g} s; request "
+                           f"{req.request_id} continues: GET /v1/requests/{req.request_id}",
+                "request_id": req.request_id})
         await asyncio.sleep(0.05)
     if view.status != RequestStatus.COMPLETED:
         return JSONResponse(status_code=502, content={
@@ -183,9 +250,14 @@ async def chat_completions(body: ChatCompletionRequest,
 def metrics(ingress: Ingress) -> dict[str, Any]:
     """Counters by stage and reason (predictor source, continuations, batches) and depths."""
     r = ingress.redis
-    counters = {k: int(v) for k, v in r.hgetall(keys.METRICS).items()}
-    return {"counters": counters,
+    raw = r.hgetall(keys.METRICS)
+    # Counters are integers; labels the services keep beside them (the predictor's model
+    # version) are strings and are reported apart.
+    counters = {k: int(v) for k, v in raw.items() if v.lstrip("-").isdigit()}
+    labels = {k: v for k, v in raw.items() if k not in counters}
+    return {"counters": counters, "labels": labels,
             "waiting": r.zcard(keys.SCHEDULER_WAITING),
+            "open_requests": state.open_requests(r),
             "incoming_stream": r.xlen(keys.STREAM_INCOMING)}
 
 
@@ -193,20 +265,29 @@ def metrics(ingress: Ingress) -> dict[str, Any]:
 def healthz(ingress: Ingress) -> JSONResponse:
     try:
         ingress.redis.ping()
-    except redis.RedisError as exc:
-        return JSONResponse(status_code=503, content={"status": "redis unavailable",
-                                                      "error": str(exc)})
+    except redis.RedisError:
+        # No address or errno: health endpoints are often public.
+        return JSONResponse(status_code=503, content={"status": "queue store unavailable"},
+                            headers={"Retry-After": str(ingress.settings.retry_after_s)})
     return JSONResponse(content={"status": "ok"})
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = jsonable_encoder(exc.errors())
-    return JSONResponse(status_code=422, content=_error_body(errors))
+    return JSONResponse(status_code=422, content=_error_body(_clean_errors(exc.errors())))
 
 
 async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
     errors = [{"loc": ["body", exc.field], "msg": exc.message, "type": "value_error"}]
-    return JSONResponse(status_code=exc.status_code, content=_error_body(errors))
+    return JSONResponse(status_code=exc.status_code, content=_error_body(errors),
+                        headers=exc.headers)
+
+
+async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+    # Redis unreachable (restarting, a network blip): nothing was accepted, so the client may
+    # retry. The message leaks no address.
+    retry = str(request.app.state.ingress.settings.retry_after_s)
+    return JSONResponse(status_code=503, headers={"Retry-After": retry}, content={
+        "message": "the queue store is unavailable; nothing was accepted, retry shortly"})
 
 
 def create_app(
@@ -231,6 +312,9 @@ def create_app(
     app = FastAPI(title="Magnus", version="0.1.0", lifespan=lifespan)
     app.exception_handler(RequestValidationError)(_validation_error)
     app.exception_handler(ApiError)(_api_error)
+    app.exception_handler(redis.ConnectionError)(_redis_down)
+    app.exception_handler(redis.TimeoutError)(_redis_down)
+    app.exception_handler(redis.BusyLoadingError)(_redis_down)
     app.include_router(router)
     return app
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -39,7 +40,7 @@ from services.predictor.pipeline import Caches, retrain
 from services.predictor.rows import Example, PredictRow
 from shared import keys, state, streams
 from shared.lifecycle import start_service
-from shared.redis_conn import connect
+from shared.redis_conn import REDIS_DOWN, RedisOutage, connect
 from shared.schemas import PredictedRequest, Prediction
 from shared.settings import REPO_ROOT, PredictorSettings
 
@@ -319,10 +320,31 @@ class PredictorService:
         except OSError:
             log.exception("could not write the retrained model to %s", folder)
 
+    def claim_abandoned(self) -> int:
+        """Take over entries a dead predictor read and never acknowledged (its consumer name
+        died with its process): without this they would wait forever."""
+        idle_ms = int(self.settings.claim_idle_s * 1000)
+        claimed = (self.incoming.claim_all_pending(idle_ms)
+                   + self.completed.claim_all_pending(idle_ms))
+        if claimed:
+            log.warning("predictor: took over %d entries a stopped predictor left", claimed)
+        return claimed
+
     def run(self, stop: threading.Event) -> None:
+        outage = RedisOutage("predictor")
+        last_claim = -math.inf
         while not stop.is_set():
-            self.predict_incoming()
-            self.learn_from_completed()
+            try:
+                if self.clock() - last_claim >= self.settings.claim_interval_s:
+                    self.claim_abandoned()
+                    last_claim = self.clock()
+                self.predict_incoming()
+                self.learn_from_completed()
+                outage.recovered()
+            except REDIS_DOWN as exc:
+                outage.failed(exc, stop)
+                self.incoming.reread_pending()
+                self.completed.reread_pending()
 
 
 def main() -> int:

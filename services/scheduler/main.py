@@ -22,7 +22,7 @@ from services.scheduler import capacity, planning, policy
 from services.scheduler.estimator import ServiceRecord, ServiceTimeEstimator
 from shared import keys, state, streams
 from shared.lifecycle import start_service
-from shared.redis_conn import connect
+from shared.redis_conn import REDIS_DOWN, RedisOutage, connect
 from shared.schemas import (
     Batch,
     BatchItem,
@@ -303,14 +303,24 @@ class Scheduler:
     def run(self, stop: threading.Event) -> None:
         last_lock = 0.0
         leading = False
+        outage = RedisOutage("scheduler")
         while not stop.is_set():
-            now = time.time()
-            if now - last_lock > self.settings.leader_ttl_s / 3:
-                leading, last_lock = self.hold_leadership(), now
-            if not leading:
-                stop.wait(1.0)
-                continue
-            self.tick(time.time, block_ms=int(self.settings.tick_s * 1000))
+            try:
+                now = time.time()
+                down = outage.down_since is not None
+                if down or now - last_lock > self.settings.leader_ttl_s / 3:
+                    leading, last_lock = self.hold_leadership(), now
+                    if leading and down:
+                        # Memory may be ahead of or behind Redis after an outage (a step cut
+                        # short, the last second of writes lost): resync as a new leader does.
+                        self.rebuild()
+                    outage.recovered()
+                if not leading:
+                    stop.wait(1.0)
+                    continue
+                self.tick(time.time, block_ms=int(self.settings.tick_s * 1000))
+            except REDIS_DOWN as exc:
+                outage.failed(exc, stop)
         if leading and self.r.get(keys.SCHEDULER_LEADER) == self.instance_id:
             self.r.delete(keys.SCHEDULER_LEADER)
 

@@ -61,6 +61,14 @@ class WorkerContext:
         r = connect(settings.redis_url, settings.redis_connect_timeout_s)
         return cls(settings=settings, redis=r, engine=engine)
 
+    def wait_for_engine(self) -> None:
+        """Block until this GPU's engine serves. Called before the worker consumes: a worker
+        restarted beside a restarting engine would otherwise fail every batch waiting in its
+        queue ("all connection attempts failed")."""
+        s = self.settings
+        log.info("waiting for the engine at %s", s.engine_url)
+        self.engine.wait_ready(s.engine_url, s.engine_ready_timeout_s)
+
     @property
     def busy(self) -> bool:
         with self._lock:
@@ -151,6 +159,9 @@ def _init_worker(**_: Any) -> None:
     global _context
     logging.getLogger("httpx").setLevel(logging.WARNING)
     _context = WorkerContext.create()
+    # worker_init fires before the consumer starts: nothing is taken from the queue until the
+    # engine answers.
+    _context.wait_for_engine()
 
 
 @worker_ready.connect  # type: ignore[untyped-decorator]

@@ -93,6 +93,18 @@ def test_generate_collects_a_streamed_completion() -> None:
                                 {"role": "user", "content": "hi"}]
 
 
+def test_a_stream_ending_without_a_finish_reason_is_an_error_not_a_completion() -> None:
+    # The engine shut down mid-answer: the stream closes cleanly but never says why it stopped.
+    server = FakeServer(delta("Half a sen"), USAGE)
+
+    async def go() -> None:
+        async with client(server) as http:
+            with pytest.raises(EngineError, match="without a finish reason"):
+                await VllmEngine().generate(http, "m", request())
+
+    asyncio.run(go())
+
+
 def test_ignore_eos_and_priority_are_sent_only_when_set() -> None:
     assert "ignore_eos" not in chat_body("m", request())
     assert "priority" not in chat_body("m", request())  # vLLM refuses it on a FCFS engine
