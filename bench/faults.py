@@ -121,7 +121,8 @@ def wait_restarted(stack: Stack, name: str, before: int, timeout_s: float) -> fl
     return None
 
 
-def kill(stack: Stack, name: str, sig: signal.Signals = signal.SIGKILL) -> Callable[[], float | None]:
+def kill(stack: Stack, name: str,
+         sig: signal.Signals = signal.SIGKILL) -> Callable[[], float | None]:
     """Kill service `name` with `sig`; the returned call waits for its restart."""
     before = stack.restarts.get(name, 0)
     os.kill(_child_pid(stack, name), sig)
@@ -142,9 +143,13 @@ def count(fault: str, stack: Stack, ids: list[str], recovery_s: float | None,
         fault=fault, submitted=len(ids),
         completed=sum(1 for s in final.values() if s is RequestStatus.COMPLETED),
         failed=len(failures),
-        lost=sum(1 for rid in ids if final.get(rid) is None or not final[rid].is_final),
+        lost=sum(1 for rid in ids if not _is_final(final.get(rid))),
         duplicated=sum(1 for rid in ids if results[rid] > 1),
         recovery_s=recovery_s, failures=failures[:5])
+
+
+def _is_final(status: RequestStatus | None) -> bool:
+    return status is not None and status.is_final
 
 
 # The faults a supervised stack must ride out: (name, service to kill, signal).
@@ -196,8 +201,8 @@ def table(results: list[FaultResult]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from offline.model import build_tiny
     from offline.launcher import free_port
+    from offline.model import build_tiny
     from shared.settings import LauncherSettings
 
     parser = argparse.ArgumentParser(description=__doc__,

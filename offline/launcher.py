@@ -311,8 +311,9 @@ class Stack:
         self._supervisor.start()
 
     def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM every service's process group, then Redis once they have exited (so none dies
-        mid-read of a vanished Redis); SIGKILL whatever outlives the grace period."""
+        """SIGTERM every service's process group (workers, so they finish their batch, before
+        engines), then Redis once they have exited (so none dies mid-read of a vanished Redis);
+        SIGKILL whatever outlives the grace period."""
         self._stop_supervising.set()  # before any SIGTERM: nothing stopped here is restarted
         if self._supervisor is not None:
             self._supervisor.join(timeout=30)
@@ -321,9 +322,13 @@ class Stack:
             self._stop_children(grace_s)
 
     def _stop_children(self, grace_s: float) -> None:
-        services = [c for c in reversed(self.children) if c.name != "redis"]
+        # Workers before engines: a worker's warm shutdown finishes the batch it runs, which
+        # needs its engine; engines before Redis, which everything writes to.
+        services = [c for c in reversed(self.children)
+                    if c.name != "redis" and not c.name.startswith("engine")]
+        engines = [c for c in self.children if c.name.startswith("engine")]
         redis_children = [c for c in self.children if c.name == "redis"]
-        for group in (services, redis_children):
+        for group in (services, engines, redis_children):
             for child in group:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(child.proc.pid, signal.SIGTERM)

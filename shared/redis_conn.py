@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import redis
 
@@ -57,3 +59,23 @@ class RedisOutage:
         log.info("%s: redis back after %.1f s", self.service, time.monotonic() - self.down_since)
         self.down_since, self.delay = None, 0.1
         return True
+
+
+def execute_retrying(r: redis.Redis, build: Callable[[redis.client.Pipeline], None],
+                     give_up_s: float = 120.0) -> list[Any]:
+    """Run the transaction `build` writes into a fresh pipeline, retrying through a Redis
+    outage (rebuilt on each try: a failed pipeline forgets its commands) for up to `give_up_s`.
+    A worker's result written while Redis restarts is delayed, not lost."""
+    deadline = time.monotonic() + give_up_s
+    delay = 0.1
+    while True:
+        pipe = r.pipeline(transaction=True)
+        build(pipe)
+        try:
+            return list(pipe.execute())
+        except REDIS_DOWN as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("redis unreachable (%s); retrying a write in %.1f s", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)

@@ -19,6 +19,7 @@ import redis
 
 from services.engine.base import ChatRequest, Engine, EngineError
 from shared import keys, state, streams
+from shared.redis_conn import execute_retrying
 from shared.schemas import (
     Batch,
     BatchItem,
@@ -37,15 +38,16 @@ def post_event(r: redis.Redis, event: CompletedEvent,
                continuation: QueuedRequest | None = None) -> None:
     """Write a result's state change and its completed-stream entry in one transaction; a
     continuation goes back on the incoming stream in the same transaction, so it cannot be lost."""
-    pipe = r.pipeline(transaction=True)
-    if event.result is not None and continuation is not None:
-        state.record_requeued(pipe, event.result, continuation.continuations)
-        streams.publish(pipe, streams.INCOMING, continuation)
-        pipe.hincrby(keys.METRICS, "continuations", 1)
-    elif event.result is not None:
-        state.record_result(pipe, event.result)
-    streams.publish(pipe, streams.COMPLETED, event)
-    pipe.execute()
+    def build(pipe: redis.client.Pipeline) -> None:
+        if event.result is not None and continuation is not None:
+            state.record_requeued(pipe, event.result, continuation.continuations)
+            streams.publish(pipe, streams.INCOMING, continuation)
+            pipe.hincrby(keys.METRICS, "continuations", 1)
+        elif event.result is not None:
+            state.record_result(pipe, event.result)
+        streams.publish(pipe, streams.COMPLETED, event)
+
+    execute_retrying(r, build)
 
 
 def continuation_of(req: QueuedRequest, result: RequestResult) -> QueuedRequest | None:
@@ -99,11 +101,13 @@ async def run_batch(
     r: redis.Redis, engine: Engine, engine_url: str, model: str, batch: Batch, timeout_s: float
 ) -> BatchRecord:
     started = time.time()
-    pipe = r.pipeline(transaction=True)
-    for item in batch.items:
-        state.record_transition(pipe, item.request_id, RequestStatus.RUNNING, started,
-                                started_at=repr(started))
-    pipe.execute()
+
+    def running(pipe: redis.client.Pipeline) -> None:
+        for item in batch.items:
+            state.record_transition(pipe, item.request_id, RequestStatus.RUNNING, started,
+                                    started_at=repr(started))
+
+    execute_retrying(r, running)
 
     limits = httpx.Limits(max_connections=len(batch.items) + 2)
     async with httpx.AsyncClient(base_url=engine_url, timeout=timeout_s, limits=limits) as http:

@@ -12,6 +12,7 @@ import signal
 import pytest
 
 from bench import faults
+from offline.launcher import Stack
 from offline.model import build_tiny
 from tests.conftest import StackFactory
 
@@ -21,7 +22,7 @@ N = 6
 
 
 @pytest.fixture(scope="module")
-def supervised(stack_factory: StackFactory) -> faults.Stack:
+def supervised(stack_factory: StackFactory) -> Stack:
     stack = stack_factory(build_tiny(), service_env={"MAGNUS_POLICY": "fcfs-fixed"})
     stack.start_supervision(interval_s=0.2)
     return stack
@@ -30,7 +31,7 @@ def supervised(stack_factory: StackFactory) -> faults.Stack:
 @pytest.mark.parametrize(("fault", "service", "sig"), faults.KILLS,
                          ids=[service for _, service, _ in faults.KILLS])
 def test_a_killed_service_is_restarted_and_nothing_is_lost(
-    supervised: faults.Stack, fault: str, service: str, sig: signal.Signals,
+    supervised: Stack, fault: str, service: str, sig: signal.Signals,
 ) -> None:
     result = faults.run_kill(supervised, fault, service, sig, N, timeout_s=180)
     assert result.recovery_s is not None, f"{service} was not restarted"
