@@ -29,6 +29,8 @@ import httpx
 import redis
 
 from offline.launcher import Stack
+from services.engine import get_engine
+from services.engine.base import EngineError
 from shared import keys, state, streams
 from shared.schemas import RequestStatus
 
@@ -49,12 +51,13 @@ class FaultResult:
     failures: list[str]
 
 
-def submit(stack: Stack, n: int, tag: str, max_tokens: int = 8) -> list[str]:
+def submit(stack: Stack, n: int, tag: str, max_tokens: int = 8,
+           ignore_eos: bool = False) -> list[str]:
     """N accepted requests (202); a 503 while Redis restarts is retried, as a client should."""
 
     def one(i: int) -> str:
         body = {"app_id": "qa", "instruction": "Answer briefly.", "input": f"{tag} question {i}",
-                "max_tokens": max_tokens}
+                "max_tokens": max_tokens, "ignore_eos": ignore_eos}
         deadline = time.monotonic() + 60
         with httpx.Client(base_url=stack.ingress_url, timeout=30) as c:
             while True:
@@ -88,6 +91,19 @@ def wait_final(stack: Stack, ids: list[str], timeout_s: float) -> dict[str, Requ
     return current
 
 
+def wait_running(stack: Stack, ids: list[str], timeout_s: float) -> None:
+    """Until one of `ids` runs on a worker (its batch started)."""
+    r = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while RequestStatus.RUNNING not in state.statuses(r, ids).values():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no request running within {timeout_s:.0f} s")
+            time.sleep(0.02)
+    finally:
+        r.close()
+
+
 def final_results_per_request(stack: Stack) -> Counter[str]:
     """Final results each request got on the completed stream (more than one: duplicated)."""
     r = redis.Redis.from_url(stack.redis_url, decode_responses=True)
@@ -114,7 +130,11 @@ def wait_restarted(stack: Stack, name: str, before: int, timeout_s: float) -> fl
         if stack.restarts.get(name, 0) > before:
             try:
                 stack.wait_ready(max(1.0, deadline - time.monotonic()))
-            except RuntimeError:
+                if name.startswith("engine"):  # serving again, not only started
+                    get_engine(stack.settings.engine).wait_ready(
+                        stack.engine_url(int(name.removeprefix("engine"))),
+                        max(1.0, deadline - time.monotonic()))
+            except (RuntimeError, EngineError):
                 return None
             return time.monotonic() - t0
         time.sleep(0.1)
@@ -138,6 +158,11 @@ def count(fault: str, stack: Stack, ids: list[str], recovery_s: float | None,
     for rid, s in final.items():
         if s is RequestStatus.FAILED:
             failures.append(f"{rid}: {r.hget(keys.request(rid), 'error')}")
+    for rid in ids:
+        if not _is_final(final.get(rid)):  # where a lost request stopped, to find the hole
+            fields = r.hgetall(keys.request(rid))
+            failures.append(f"{rid}: still {fields.get('status', 'unknown')}"
+                            f" (batch {fields.get('batch_id', '-')})")
     r.close()
     return FaultResult(
         fault=fault, submitted=len(ids),
@@ -145,30 +170,48 @@ def count(fault: str, stack: Stack, ids: list[str], recovery_s: float | None,
         failed=len(failures),
         lost=sum(1 for rid in ids if not _is_final(final.get(rid))),
         duplicated=sum(1 for rid in ids if results[rid] > 1),
-        recovery_s=recovery_s, failures=failures[:5])
+        recovery_s=recovery_s, failures=failures[:10])
 
 
 def _is_final(status: RequestStatus | None) -> bool:
     return status is not None and status.is_final
 
 
+WHOLE_STACK = "restart the whole stack"
+BETWEEN_BATCHES = "kill -9 worker (between batches)"
+MID_BATCH = "kill -9 worker (mid-batch)"
+ENGINE_MID = "kill -9 engine (mid-generation)"
+# Long enough that a batch of the tiny model runs for seconds, so the kill lands inside it.
+MID_BATCH_TOKENS = 768
+
 # The faults a supervised stack must ride out: (name, service to kill, signal).
 KILLS: list[tuple[str, str, signal.Signals]] = [
     ("kill -9 predictor", "predictor", signal.SIGKILL),
     ("kill -9 scheduler", "scheduler", signal.SIGKILL),
     ("kill -9 ingress", "ingress", signal.SIGKILL),
-    ("kill -9 worker (between batches)", "worker0", signal.SIGKILL),
+    (BETWEEN_BATCHES, "worker0", signal.SIGKILL),
+    (MID_BATCH, "worker0", signal.SIGKILL),
+    (ENGINE_MID, "engine0", signal.SIGKILL),
     ("restart Redis (SIGTERM)", "redis", signal.SIGTERM),
 ]
 
 
 def run_kill(stack: Stack, fault: str, service: str, sig: signal.Signals, n: int,
              timeout_s: float = 300) -> FaultResult:
-    if service == "worker0":
-        # Between batches: everything before the kill is done, the requests come after it.
+    if fault == BETWEEN_BATCHES:
+        # Everything before the kill is done, the requests come after it.
         waiting = kill(stack, service, sig)
         recovery = waiting()
         ids = submit(stack, n, fault)
+    elif fault in (MID_BATCH, ENGINE_MID):
+        # Killed while a batch runs. A worker: the scheduler reruns the batch's open requests
+        # once the restarted worker beats (services/scheduler/recovery.py); the dead one's
+        # message is never run again. An engine: the worker reruns each failed request (at
+        # most max_reruns times), and its next batch waits for the restarted engine.
+        ids = submit(stack, n, fault, max_tokens=MID_BATCH_TOKENS, ignore_eos=True)
+        wait_running(stack, ids, timeout_s=120)
+        waiting = kill(stack, service, sig)
+        recovery = waiting()
     else:
         ids = submit(stack, n, fault)  # accepted, so now in Redis and in flight
         waiting = kill(stack, service, sig)
@@ -187,7 +230,7 @@ def run_whole_stack_restart(stack: Stack, n: int, timeout_s: float = 300
     again.start()
     again.start_supervision()
     recovery = time.monotonic() - t0
-    return again, count("restart the whole stack", again, ids, recovery, timeout_s)
+    return again, count(WHOLE_STACK, again, ids, recovery, timeout_s)
 
 
 def table(results: list[FaultResult]) -> str:
@@ -209,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--only", choices=[f for f, _, _ in KILLS] + [WHOLE_STACK],
+                        help="one fault (results then go to --out only, not the doc)")
     args = parser.parse_args(argv)
     run_dir = REPO_ROOT / "run" / "faults"
     if run_dir.exists():
@@ -225,10 +270,13 @@ def main(argv: list[str] | None = None) -> int:
         stack.start()
         stack.start_supervision()
         for fault, service, sig in KILLS:
+            if args.only not in (None, fault):
+                continue
             results.append(run_kill(stack, fault, service, sig, args.requests))
             print(table(results[-1:]).splitlines()[-1], flush=True)
-        stack, whole = run_whole_stack_restart(stack, args.requests)
-        results.append(whole)
+        if args.only in (None, WHOLE_STACK):
+            stack, whole = run_whole_stack_restart(stack, args.requests)
+            results.append(whole)
     finally:
         stack.stop()
     print(table(results))
@@ -237,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         {"finished_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
          "wall_s": time.time() - started, "requests_per_fault": args.requests,
          "rows": [asdict(f) for f in results]}, indent=1) + "\n")
-    if DOC.exists() and args.out == RESULTS:
+    if DOC.exists() and args.out == RESULTS and args.only is None:
         from bench.report import update
 
         update(DOC, {"faults": table(results)})

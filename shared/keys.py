@@ -51,6 +51,13 @@ def gpu_inflight(gpu: int) -> str:
     return f"{PREFIX}:gpu:{gpu}:inflight"
 
 
+def gpu_running(gpu: int) -> str:
+    """Hash of batch id -> id of the worker process that started it (written when a worker
+    claims a batch still in flight): a batch whose worker is gone is run again, and a batch
+    delivered a second time is not."""
+    return f"{PREFIX}:gpu:{gpu}:running"
+
+
 def worker_heartbeat(gpu: int) -> str:
     return f"{PREFIX}:worker:{gpu}:heartbeat"
 

@@ -6,9 +6,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +63,30 @@ class RedisOutage:
         return True
 
 
-def execute_retrying(r: redis.Redis, build: Callable[[redis.client.Pipeline], None],
-                     give_up_s: float = 120.0) -> list[Any]:
-    """Run the transaction `build` writes into a fresh pipeline, retrying through a Redis
-    outage (rebuilt on each try: a failed pipeline forgets its commands) for up to `give_up_s`.
-    A worker's result written while Redis restarts is delayed, not lost."""
+def call_retrying(call: Callable[[], T], give_up_s: float = 120.0) -> T:
+    """`call()`, retried through a Redis outage for up to `give_up_s` (0.1 s doubling to 5 s):
+    a worker's write while Redis restarts is delayed, not lost."""
     deadline = time.monotonic() + give_up_s
     delay = 0.1
     while True:
-        pipe = r.pipeline(transaction=True)
-        build(pipe)
         try:
-            return list(pipe.execute())
+            return call()
         except REDIS_DOWN as exc:
             if time.monotonic() >= deadline:
                 raise
-            log.warning("redis unreachable (%s); retrying a write in %.1f s", exc, delay)
+            log.warning("redis unreachable (%s); retrying in %.1f s", exc, delay)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+def execute_retrying(r: redis.Redis, build: Callable[[redis.client.Pipeline], None],
+                     give_up_s: float = 120.0) -> list[Any]:
+    """Run the transaction `build` writes into a fresh pipeline, retrying through a Redis
+    outage (rebuilt on each try: a failed pipeline forgets its commands)."""
+
+    def once() -> list[Any]:
+        pipe = r.pipeline(transaction=True)
+        build(pipe)
+        return list(pipe.execute())
+
+    return call_retrying(once, give_up_s)

@@ -121,6 +121,8 @@ class QueuedRequest(Message):
     continuation: str = ""
     generated_so_far: int = Field(default=0, ge=0)
     continuations: int = Field(default=0, ge=0)
+    # Times this request's batch was lost with its worker (killed mid-batch) and run again.
+    reruns: int = Field(default=0, ge=0)
 
     @property
     def remaining_max_tokens(self) -> int:
@@ -243,6 +245,19 @@ class WorkerHeartbeat(Message):
     max_model_len: int
     busy: bool
     at: float
+    # The worker process beating (host-pid-random) and when it started: a newer process beating
+    # means the one that started a batch is gone (services/scheduler/recovery.py).
+    worker_id: str = ""
+    worker_started_at: float = 0.0
+
+
+class BatchClaim(Message):
+    """A worker process's claim on a batch it starts (`state.claim_batch`): which process, and
+    when that process started (so the scheduler tells a newer worker from a stale heartbeat)."""
+
+    worker_id: str
+    worker_started_at: float
+    claimed_at: float
 
 
 _ID_PATTERN = r"^[A-Za-z0-9._:@/-]{1,128}$"

@@ -37,6 +37,10 @@ class MagnusSettings(BaseSettings):
     # own continuous batching runs underneath.
     engine_mode: Literal["static", "continuous"] = "static"
     redis_connect_timeout_s: float = Field(default=30.0, gt=0)
+    # A request whose run is lost (its worker died mid-batch, its engine failed) runs again at
+    # most this many times, then fails with the reason: a request that kills its engine must not
+    # kill it forever. Read by the scheduler (dead workers) and the workers (engine errors).
+    max_reruns: int = Field(default=2, ge=0)
 
 
 class IngressSettings(MagnusSettings):
@@ -119,6 +123,10 @@ class SchedulerSettings(MagnusSettings):
     tick_s: float = Field(default=0.02, gt=0)
     # A batch in flight longer than this is presumed lost with its worker and its requests fail.
     batch_timeout_s: float = Field(default=1800.0, gt=0)
+    # A batch whose worker died mid-batch (another worker process now beats for its GPU, or none
+    # has for this long) goes back through the predictor (at most max_reruns times).
+    orphan_after_s: float = Field(default=20.0, gt=0)
+    reclaim_interval_s: float = Field(default=1.0, ge=0)
     # The leader lock expires this long after its last renewal, so a standby takes over.
     leader_ttl_s: float = Field(default=10.0, ge=0.5)
 

@@ -14,7 +14,14 @@ import redis
 from pydantic import BaseModel
 
 from shared import keys
-from shared.schemas import FINAL_STATUSES, Prediction, QueuedRequest, RequestResult, RequestStatus
+from shared.schemas import (
+    FINAL_STATUSES,
+    BatchClaim,
+    Prediction,
+    QueuedRequest,
+    RequestResult,
+    RequestStatus,
+)
 
 
 class HashWriter(Protocol):
@@ -118,6 +125,46 @@ def record_requeued(r: HashWriter, partial: RequestResult, continuations: int) -
     """The run hit its predicted cap early: the request waits again, its output so far kept."""
     record_transition(r, partial.request_id, RequestStatus.REQUEUED, partial.finished_at,
                       continuations=continuations, partial_tokens=partial.generated_tokens)
+
+
+def record_rerun(r: HashWriter, request_id: str, at: float, reruns: int, reason: str) -> None:
+    """The request's batch was lost with its worker: it goes back through the predictor."""
+    record_transition(r, request_id, RequestStatus.REQUEUED, at, reruns=reruns,
+                      requeue_reason=reason)
+
+
+# A worker starts a batch only if the scheduler still holds it in flight and no worker started it
+# before: one script, so no reclaim by the scheduler can fall between the check and the claim.
+_CLAIM_BATCH = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+return redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
+"""
+
+
+def claim_batch(r: redis.Redis, gpu: int, batch_id: str, claim: BatchClaim) -> bool:
+    """True when the claiming worker may run the batch: it is in flight on `gpu` and nobody
+    claimed it. False for a batch delivered again after its worker died (the scheduler reran
+    its requests) or after the scheduler failed or reclaimed it."""
+    claimed = r.eval(_CLAIM_BATCH, 2, keys.gpu_inflight(gpu), keys.gpu_running(gpu), batch_id,
+                     claim.model_dump_json())
+    return bool(claimed)
+
+
+_ABANDON_BATCH = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+
+def abandon_batch(r: redis.Redis, gpu: int, batch_id: str, worker_id: str, at: float) -> bool:
+    """A worker gives back a batch it claimed and cannot finish: its claim becomes one older
+    than any live worker, so the scheduler reruns the batch's open requests at its next check
+    (services/scheduler/recovery.py). False when the batch is no longer in flight."""
+    gave_up = BatchClaim(worker_id=f"{worker_id} (gave up)", worker_started_at=0.0,
+                         claimed_at=at)
+    return bool(r.eval(_ABANDON_BATCH, 2, keys.gpu_inflight(gpu), keys.gpu_running(gpu),
+                       batch_id, gave_up.model_dump_json()))
 
 
 class RequestView(BaseModel):

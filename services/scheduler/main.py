@@ -18,13 +18,14 @@ from collections.abc import Callable
 
 import redis
 
-from services.scheduler import capacity, planning, policy
+from services.scheduler import capacity, planning, policy, recovery
 from services.scheduler.estimator import ServiceRecord, ServiceTimeEstimator
 from shared import keys, state, streams
 from shared.lifecycle import start_service
 from shared.redis_conn import REDIS_DOWN, RedisOutage, connect
 from shared.schemas import (
     Batch,
+    BatchClaim,
     BatchItem,
     BatchRecord,
     PredictedRequest,
@@ -97,6 +98,11 @@ class Scheduler:
         self.inflight_kv: dict[int, dict[str, int]] = {}
         self.estimator = ServiceTimeEstimator()
         self.decode_curve = load_decode_curve(settings)
+        # Orphan detection (recovery.py): when each GPU's heartbeat was last seen, when this
+        # scheduler took the lead (set at its first check), and when it last checked.
+        self.last_beat_seen: dict[int, float] = {}
+        self.leading_since: float | None = None
+        self.last_reclaim_check = float("-inf")
 
     # --- leadership -------------------------------------------------------------------------
     def hold_leadership(self) -> bool:
@@ -116,6 +122,7 @@ class Scheduler:
         over stream entries it read but never acknowledged."""
         self.predicted.claim_all_pending()
         self.completed.claim_all_pending()
+        self.leading_since = None
         self.pool.clear()
         self.sorted_pool = policy.pool_for(self.config)
         self.estimator = ServiceTimeEstimator()
@@ -188,6 +195,7 @@ class Scheduler:
             if event.batch is not None:
                 self.inflight.get(event.batch.gpu, {}).pop(event.batch.batch_id, None)
                 pipe.hdel(keys.gpu_inflight(event.batch.gpu), event.batch.batch_id)
+                pipe.hdel(keys.gpu_running(event.batch.gpu), event.batch.batch_id)
                 pipe.hincrby(keys.METRICS, "batches_completed", 1)
                 pipe.rpush(keys.BATCH_RECORDS, event.batch.model_dump_json())
                 pipe.ltrim(keys.BATCH_RECORDS, -keys.BATCH_RECORDS_MAXLEN, -1)
@@ -287,15 +295,98 @@ class Scheduler:
                         finish_reason="error", error="batch timed out on its worker",
                         started_at=batch.formed_at, finished_at=now))
                 pipe.hdel(keys.gpu_inflight(gpu), batch_id)
+                pipe.hdel(keys.gpu_running(gpu), batch_id)
                 pipe.execute()
                 del batches[batch_id]
                 for item in batch.items:
                     self.inflight_kv.get(gpu, {}).pop(item.request_id, None)
 
+    # --- recovery -----------------------------------------------------------------------------
+    def reclaim_orphans(self, now: float) -> int:
+        """Rerun the open requests of batches whose worker died mid-batch (recovery.py decides
+        which); at most every `reclaim_interval_s`. Returns how many batches were reclaimed."""
+        s = self.settings
+        if now - self.last_reclaim_check < s.reclaim_interval_s:
+            return 0
+        self.last_reclaim_check = now
+        if self.leading_since is None:
+            self.leading_since = now
+        beats = self.live_gpus()
+        for gpu in beats:
+            self.last_beat_seen[gpu] = now
+        reclaimed = 0
+        for gpu, batches in self.inflight.items():
+            if not batches:
+                continue
+            beat = beats.get(gpu)
+            # A heartbeat without a worker id (an older worker) says only that someone beats.
+            liveness = recovery.GpuLiveness(
+                live_worker_id=(beat.worker_id or None) if beat is not None else None,
+                live_worker_started_at=beat.worker_started_at if beat is not None else 0.0,
+                last_beat_seen_at=self.last_beat_seen.get(gpu))
+            raw_claims = self.r.hgetall(keys.gpu_running(gpu))
+            claims = {}
+            for batch_id, raw in raw_claims.items():
+                try:
+                    claims[batch_id] = BatchClaim.parse(raw)
+                except ValueError as exc:  # another version: its batch ends at batch_timeout_s
+                    log.warning("unreadable claim on batch %s: %s", batch_id, exc)
+            for batch_id in recovery.orphaned_batches(claims, set(batches), liveness, now,
+                                                      s.orphan_after_s, self.leading_since):
+                reclaimed += self._rerun(gpu, batches[batch_id], raw_claims[batch_id],
+                                         claims[batch_id].worker_id, now)
+        return reclaimed
+
+    def _rerun(self, gpu: int, batch: Batch, raw_claim: str, runner: str, now: float) -> bool:
+        """Take `batch` out of flight and send its open members back through the predictor, in
+        one transaction that holds only if no worker wrote to the batch or its requests since
+        they were read (a result that lands meanwhile wins; the next check tries again)."""
+        running_key = keys.gpu_running(gpu)
+        ids = [i.request_id for i in batch.items]
+        with self.r.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(running_key, *[keys.request(i) for i in ids])
+                if pipe.hget(running_key, batch.batch_id) != raw_claim:
+                    return False
+                current = state.statuses(self.r, ids)
+                pipe.multi()
+                pipe.hdel(keys.gpu_inflight(gpu), batch.batch_id)
+                pipe.hdel(running_key, batch.batch_id)
+                rerun, failed = 0, 0
+                for item in batch.items:
+                    # Scheduled or running in this batch: anything else was finished or
+                    # requeued as a continuation by the worker before it died.
+                    if current[item.request_id] not in (RequestStatus.SCHEDULED,
+                                                        RequestStatus.RUNNING):
+                        continue
+                    req = item.request
+                    if req.reruns >= self.settings.max_reruns:
+                        state.record_failed(pipe, req.request_id, now,
+                                            f"its worker died while running it {req.reruns + 1} "
+                                            f"times (max_reruns={self.settings.max_reruns})")
+                        failed += 1
+                        continue
+                    state.record_rerun(pipe, req.request_id, now, req.reruns + 1,
+                                       f"worker {runner} died mid-batch")
+                    streams.publish(pipe, streams.INCOMING,
+                                    req.model_copy(update={"reruns": req.reruns + 1}))
+                    rerun += 1
+                pipe.hincrby(keys.METRICS, "batches_reclaimed", 1)
+                pipe.execute()
+            except redis.WatchError:
+                return False
+        del self.inflight[gpu][batch.batch_id]
+        for item in batch.items:
+            self.inflight_kv.get(gpu, {}).pop(item.request_id, None)
+        log.warning("batch %s on gpu %d died with worker %s: %d requests rerun, %d failed",
+                    batch.batch_id[:8], gpu, runner, rerun, failed)
+        return True
+
     def tick(self, clock: Callable[[], float], block_ms: int = 20) -> None:
         self.ingest(block_ms)
         self.observe_completions()
         now = clock()  # read after ingesting, so no batch is stamped before its requests arrived
+        self.reclaim_orphans(now)
         self.fail_stuck_batches(now)
         for batch in self.decide(now):
             self.dispatch(batch, now)

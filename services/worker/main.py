@@ -30,7 +30,7 @@ from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from services.engine import get_engine
 from services.engine.base import Engine, KVCacheInfo
-from services.worker.runner import run_batch_sync
+from services.worker.runner import WorkerIdentity, run_batch_sync
 from shared import keys
 from shared.redis_conn import connect
 from shared.schemas import BatchRecord, WorkerHeartbeat
@@ -47,11 +47,15 @@ class WorkerContext:
     settings: WorkerSettings
     redis: redis.Redis
     engine: Engine
+    # This process in heartbeats and batch claims: a newer process beating for the GPU tells the
+    # scheduler that batches an earlier one started died with it.
+    identity: WorkerIdentity = field(default_factory=WorkerIdentity.of_this_process, init=False)
     stop: threading.Event = field(default_factory=threading.Event, init=False)
     # Tasks running now: several at once in the threads pool (continuous mode).
     running_tasks: int = field(default=0, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _heartbeat: threading.Thread | None = field(default=None, init=False, repr=False)
+    _kv: KVCacheInfo | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def create(cls, settings: WorkerSettings | None = None) -> WorkerContext:
@@ -74,13 +78,14 @@ class WorkerContext:
         with self._lock:
             return self.running_tasks > 0
 
-    def run_batch(self, payload: str | bytes | Mapping[str, Any]) -> BatchRecord:
+    def run_batch(self, payload: str | bytes | Mapping[str, Any]) -> BatchRecord | None:
         s = self.settings
         with self._lock:
             self.running_tasks += 1
         try:
             return run_batch_sync(self.redis, self.engine, s.engine_url, s.served_model_name,
-                                  payload, s.engine_timeout_s)
+                                  payload, s.engine_timeout_s, self.identity,
+                                  s.max_reruns, s.engine_ready_timeout_s)
         finally:
             with self._lock:
                 self.running_tasks -= 1
@@ -107,17 +112,21 @@ class WorkerContext:
             max_model_len=s.max_model_len,
             busy=self.busy,
             at=time.time(),
+            worker_id=self.identity.worker_id,
+            worker_started_at=self.identity.started_at,
         )
         self.redis.set(keys.worker_heartbeat(s.gpu), beat.model_dump_json(),
                        ex=keys.HEARTBEAT_TTL_S)
 
+    def beat_once(self) -> None:
+        if self._kv is None:
+            self._kv = self.kv_info()
+        self.beat(self._kv)
+
     def _heartbeat_loop(self) -> None:
-        kv: KVCacheInfo | None = None
         while not self.stop.is_set():
             try:
-                if kv is None:
-                    kv = self.kv_info()
-                self.beat(kv)
+                self.beat_once()
             except Exception as exc:  # keep beating through transient engine/redis errors
                 log.warning("heartbeat failed: %s", exc)
             self.stop.wait(self.settings.heartbeat_s)
@@ -150,6 +159,8 @@ def context() -> WorkerContext:
 @app.task(name=RUN_BATCH_TASK)  # type: ignore[untyped-decorator]
 def run_batch(payload: str) -> dict[str, Any]:
     record = context().run_batch(payload)
+    if record is None:
+        return {"skipped": True}
     log.info("batch %s: %d requests in %.2fs", record.batch_id, record.size, record.measured_s)
     return {"batch_id": record.batch_id, "measured_s": record.measured_s}
 
@@ -160,8 +171,13 @@ def _init_worker(**_: Any) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     _context = WorkerContext.create()
     # worker_init fires before the consumer starts: nothing is taken from the queue until the
-    # engine answers.
+    # engine answers, and this process beats before it claims anything, so the scheduler knows
+    # it replaced whoever beat before (a dead predecessor's batches are rerun at once).
     _context.wait_for_engine()
+    try:
+        _context.beat_once()
+    except Exception as exc:  # the heartbeat thread keeps trying
+        log.warning("first heartbeat failed: %s", exc)
 
 
 @worker_ready.connect  # type: ignore[untyped-decorator]

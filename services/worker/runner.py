@@ -10,8 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -19,9 +23,10 @@ import redis
 
 from services.engine.base import ChatRequest, Engine, EngineError
 from shared import keys, state, streams
-from shared.redis_conn import execute_retrying
+from shared.redis_conn import call_retrying, execute_retrying
 from shared.schemas import (
     Batch,
+    BatchClaim,
     BatchItem,
     BatchRecord,
     CompletedEvent,
@@ -34,10 +39,33 @@ from shared.tasks import parse_batch
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """One worker process: its id (host-pid-random) and when it started."""
+
+    worker_id: str
+    started_at: float
+
+    @classmethod
+    def of_this_process(cls) -> WorkerIdentity:
+        return cls(f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}", time.time())
+
+
 def post_event(r: redis.Redis, event: CompletedEvent,
                continuation: QueuedRequest | None = None) -> None:
     """Write a result's state change and its completed-stream entry in one transaction; a
     continuation goes back on the incoming stream in the same transaction, so it cannot be lost."""
+    if event.result is not None:
+        # At least once upstream (a request rerun after its worker was taken for dead, say) must
+        # not mean two results: a request already final keeps its first one, and grows no
+        # continuation.
+        rid = event.result.request_id
+        current = call_retrying(lambda: state.statuses(r, [rid])).get(rid)
+        if current is not None and current.is_final:
+            log.warning("request %s is already %s: a second result is dropped", rid,
+                        current.value)
+            return
+
     def build(pipe: redis.client.Pipeline) -> None:
         if event.result is not None and continuation is not None:
             state.record_requeued(pipe, event.result, continuation.continuations)
@@ -63,6 +91,23 @@ def continuation_of(req: QueuedRequest, result: RequestResult) -> QueuedRequest 
     })
 
 
+def post_rerun(r: redis.Redis, failed: RequestResult, req: QueuedRequest) -> None:
+    """The engine failed this run: the request goes back through the predictor (its partial
+    result travels on the completed stream as `requeued`, so the scheduler frees its slot)."""
+    current = call_retrying(lambda: state.statuses(r, [req.request_id])).get(req.request_id)
+    if current is not None and current.is_final:
+        return
+
+    def build(pipe: redis.client.Pipeline) -> None:
+        state.record_rerun(pipe, req.request_id, failed.finished_at, req.reruns + 1,
+                           failed.error or "engine error")
+        streams.publish(pipe, streams.INCOMING, req.model_copy(update={"reruns": req.reruns + 1}))
+        streams.publish(pipe, streams.COMPLETED, CompletedEvent(kind="requeued", result=failed))
+        pipe.hincrby(keys.METRICS, "engine_reruns", 1)
+
+    execute_retrying(r, build)
+
+
 async def _run_item(
     engine: Engine, http: httpx.AsyncClient, model: str, batch: Batch, item: BatchItem
 ) -> RequestResult:
@@ -77,11 +122,13 @@ async def _run_item(
         out = await engine.generate(http, model, chat)
     except (httpx.HTTPError, EngineError, ValueError) as exc:
         log.warning("request %s failed on the engine: %s", req.request_id, exc)
+        runs = f" (run {req.reruns + 1})" if req.reruns else ""
         return RequestResult(
             request_id=req.request_id, batch_id=batch.batch_id, gpu=batch.gpu,
             text=req.continuation, input_tokens=req.input_tokens,
             generated_tokens=req.generated_so_far, finish_reason="error",
-            error=f"engine error: {exc}"[:500], started_at=started, finished_at=time.time(),
+            error=f"engine error{runs}: {exc}"[:500], started_at=started,
+            finished_at=time.time(),
         )
     return RequestResult(
         request_id=req.request_id,
@@ -97,8 +144,20 @@ async def _run_item(
     )
 
 
+def claim(r: redis.Redis, batch: Batch, worker: WorkerIdentity) -> bool:
+    """Take the batch for this worker process (`state.claim_batch`), through a Redis outage."""
+    mine = BatchClaim(worker_id=worker.worker_id, worker_started_at=worker.started_at,
+                      claimed_at=time.time())
+    if call_retrying(lambda: state.claim_batch(r, batch.gpu, batch.batch_id, mine)):
+        return True
+    log.warning("batch %s is not this worker's to run (delivered again after its worker died, "
+                "or no longer in flight): skipped", batch.batch_id)
+    return False
+
+
 async def run_batch(
-    r: redis.Redis, engine: Engine, engine_url: str, model: str, batch: Batch, timeout_s: float
+    r: redis.Redis, engine: Engine, engine_url: str, model: str, batch: Batch, timeout_s: float,
+    max_reruns: int = 0,
 ) -> BatchRecord:
     started = time.time()
 
@@ -114,6 +173,10 @@ async def run_batch(
 
         async def run_and_post(item: BatchItem) -> RequestResult:
             result = await _run_item(engine, http, model, batch, item)
+            if result.finish_reason == "error" and item.request.reruns < max_reruns:
+                # The engine failed (restarting, say): run it again, a bounded number of times.
+                await asyncio.to_thread(post_rerun, r, result, item.request)
+                return result
             continuation = continuation_of(item.request, result)
             kind = "requeued" if continuation is not None else "request"
             # Redis calls are quick; run them in a thread so other streams keep flowing.
@@ -181,11 +244,29 @@ def fail_unreadable_batch(r: redis.Redis, payload: str | bytes | Mapping[str, An
 
 
 def run_batch_sync(r: redis.Redis, engine: Engine, engine_url: str, model: str,
-                   payload: str | bytes | Mapping[str, Any], timeout_s: float) -> BatchRecord:
+                   payload: str | bytes | Mapping[str, Any], timeout_s: float,
+                   worker: WorkerIdentity, max_reruns: int = 0,
+                   engine_ready_timeout_s: float = 600.0) -> BatchRecord | None:
+    """Run one batch; None when it was not this worker's to run (see `claim`). A batch waits
+    for its engine first (one /health call when it serves): the reruns of an engine that
+    failed must not fail again while it restarts."""
     try:
         batch = parse_batch(payload)
     except ValueError as exc:
         fail_unreadable_batch(r, payload, exc)
         # Raised, not retried: Celery acknowledges a failed task, so it cannot come back.
         raise
-    return asyncio.run(run_batch(r, engine, engine_url, model, batch, timeout_s))
+    if not claim(r, batch, worker):
+        return None
+    try:
+        engine.wait_ready(engine_url, engine_ready_timeout_s)
+        return asyncio.run(run_batch(r, engine, engine_url, model, batch, timeout_s,
+                                     max_reruns))
+    except Exception:
+        # Anything unexpected mid-batch (Redis gone for longer than the writes retry, a bug):
+        # give the batch back, so the scheduler reruns its open requests now rather than leave
+        # them running until batch_timeout_s.
+        call_retrying(lambda: state.abandon_batch(r, batch.gpu, batch.batch_id,
+                                                  worker.worker_id, time.time()))
+        log.exception("batch %s given back to the scheduler", batch.batch_id)
+        raise

@@ -29,7 +29,8 @@ def supervised(stack_factory: StackFactory) -> Stack:
 
 
 @pytest.mark.parametrize(("fault", "service", "sig"), faults.KILLS,
-                         ids=[service for _, service, _ in faults.KILLS])
+                         ids=[fault.removeprefix("kill -9 ").replace(" ", "-")
+                              for fault, _, _ in faults.KILLS])
 def test_a_killed_service_is_restarted_and_nothing_is_lost(
     supervised: Stack, fault: str, service: str, sig: signal.Signals,
 ) -> None:

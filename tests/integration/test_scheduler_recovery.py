@@ -9,7 +9,8 @@ import pytest
 import redis
 
 from services.scheduler.main import Scheduler
-from shared import keys, streams
+from shared import keys, state, streams
+from shared.schemas import Batch, BatchClaim, RequestResult, RequestStatus
 from shared.settings import SchedulerSettings
 from tests.conftest import RecordingCelery
 from tests.factories import heartbeat, predicted_request
@@ -63,6 +64,101 @@ def test_standby_takes_over_rebuilds_and_dispatches_each_request_once(
 
 
 def _ids(batch_json: str) -> list[str]:
-    from shared.schemas import Batch
-
     return [item.request_id for item in Batch.model_validate_json(batch_json).items]
+
+
+# Worker processes and when they started: the old one, then its replacement.
+WORKERS = {"worker-old": 1.0, "worker-new": 2.0}
+
+
+def _beat(r: redis.Redis, worker_id: str) -> None:
+    beat = heartbeat(0, worker_id=worker_id).model_copy(
+        update={"worker_started_at": WORKERS[worker_id]})
+    r.set(keys.worker_heartbeat(0), beat.model_dump_json(), ex=keys.HEARTBEAT_TTL_S)
+
+
+def _claim(r: redis.Redis, batch: Batch, worker_id: str) -> bool:
+    return state.claim_batch(r, 0, batch.batch_id, BatchClaim(
+        worker_id=worker_id, worker_started_at=WORKERS[worker_id], claimed_at=time.time()))
+
+
+def _dispatch_one_batch(redis_url: str, r: redis.Redis, celery: RecordingCelery,
+                        max_reruns: int = 2) -> tuple[Scheduler, Batch]:
+    settings = SchedulerSettings(redis_url=redis_url, batch_size=4, reclaim_interval_s=0.0,
+                                 max_reruns=max_reruns)
+    scheduler = Scheduler(r, celery, settings, instance_id="s")
+    assert scheduler.hold_leadership()
+    for i in range(4):
+        p = predicted_request(i)
+        state.record_queued(r, p.request)
+        streams.publish(r, streams.PREDICTED, p)
+    _beat(r, "worker-old")
+    scheduler.tick(time.time, block_ms=10)
+    (sent,) = celery.sent
+    return scheduler, Batch.model_validate_json(sent[1][0])
+
+
+def test_a_batch_whose_worker_died_mid_batch_is_rerun_once_and_never_twice(
+    redis_url: str, redis_client: redis.Redis, recording_celery: RecordingCelery,
+) -> None:
+    scheduler, batch = _dispatch_one_batch(redis_url, redis_client, recording_celery)
+    assert _claim(redis_client, batch, "worker-old")
+    assert not _claim(redis_client, batch, "worker-new")  # claimed once
+    # One member finished before its worker was killed; the rest were running.
+    done = batch.items[0].request_id
+    state.record_result(redis_client, RequestResult(
+        request_id=done, batch_id=batch.batch_id, gpu=0, text="ok", input_tokens=10,
+        generated_tokens=3, finish_reason="stop", started_at=1.0, finished_at=2.0))
+    assert scheduler.reclaim_orphans(time.time()) == 0  # the old worker still beats
+
+    _beat(redis_client, "worker-new")  # the supervisor restarted it
+    assert scheduler.reclaim_orphans(time.time()) == 1
+    reruns = [m for _, m in streams.read_range(redis_client, streams.INCOMING)]
+    assert sorted(q.request_id for q in reruns) == sorted(i.request_id for i in batch.items[1:])
+    assert all(q.reruns == 1 for q in reruns)
+    assert state.statuses(redis_client, [done])[done] is RequestStatus.COMPLETED
+    rerun_id = batch.items[1].request_id
+    assert state.statuses(redis_client, [rerun_id])[rerun_id] is RequestStatus.REQUEUED
+    assert redis_client.hlen(keys.gpu_inflight(0)) == 0 == redis_client.hlen(keys.gpu_running(0))
+    assert scheduler.inflight[0] == {} and scheduler.inflight_kv[0] == {}
+    # Celery hands the old message out again (its late ack never came): the new worker skips it.
+    assert not _claim(redis_client, batch, "worker-new")
+
+
+def test_a_request_that_keeps_losing_its_worker_fails_with_the_reason(
+    redis_url: str, redis_client: redis.Redis, recording_celery: RecordingCelery,
+) -> None:
+    scheduler, batch = _dispatch_one_batch(redis_url, redis_client, recording_celery,
+                                           max_reruns=0)
+    assert _claim(redis_client, batch, "worker-old")
+    _beat(redis_client, "worker-new")
+    assert scheduler.reclaim_orphans(time.time()) == 1
+    rid = batch.items[0].request_id
+    assert state.statuses(redis_client, [rid])[rid] is RequestStatus.FAILED
+    error = redis_client.hget(keys.request(rid), "error")
+    assert error is not None and "worker died while running it 1 times" in error
+    assert redis_client.zcard(keys.OPEN_REQUESTS) == 0
+
+
+def test_a_started_batch_is_not_rerun_while_its_worker_beats(
+    redis_url: str, redis_client: redis.Redis, recording_celery: RecordingCelery,
+) -> None:
+    scheduler, batch = _dispatch_one_batch(redis_url, redis_client, recording_celery)
+    assert _claim(redis_client, batch, "worker-old")
+    for _ in range(3):
+        _beat(redis_client, "worker-old")
+        assert scheduler.reclaim_orphans(time.time() + 60) == 0
+    assert redis_client.hlen(keys.gpu_inflight(0)) == 1
+
+
+def test_a_batch_its_worker_gave_back_is_rerun_while_that_worker_lives(
+    redis_url: str, redis_client: redis.Redis, recording_celery: RecordingCelery,
+) -> None:
+    """A worker whose batch raised mid-run (Redis gone too long, a bug) gives it back."""
+    scheduler, batch = _dispatch_one_batch(redis_url, redis_client, recording_celery)
+    assert _claim(redis_client, batch, "worker-old")
+    assert state.abandon_batch(redis_client, 0, batch.batch_id, "worker-old", time.time())
+    assert scheduler.reclaim_orphans(time.time()) == 1  # worker-old still beats
+    assert len(streams.read_range(redis_client, streams.INCOMING)) == len(batch.items)
+    # Given back once out of flight: nothing to give.
+    assert not state.abandon_batch(redis_client, 0, batch.batch_id, "worker-old", time.time())

@@ -18,7 +18,7 @@ from services.engine.base import ChatOutcome, ChatRequest, KVCacheInfo
 from services.engine.vllm import VllmEngine
 from services.predictor.main import PredictorService
 from services.worker.main import WorkerContext
-from services.worker.runner import run_batch, run_batch_sync
+from services.worker.runner import WorkerIdentity, run_batch, run_batch_sync
 from shared import keys, state, streams
 from shared.schemas import (
     Batch,
@@ -211,7 +211,8 @@ def test_the_worker_fails_the_requests_of_a_batch_it_cannot_read(
                                    upper_tokens=8)])
     payload = json.loads(batch.model_dump_json()) | {"schema_version": 2}
     with pytest.raises(SchemaVersionError, match="Batch has schema_version 2"):
-        run_batch_sync(redis_client, VllmEngine(), "http://unused", "m", json.dumps(payload), 1.0)
+        run_batch_sync(redis_client, VllmEngine(), "http://unused", "m", json.dumps(payload), 1.0,
+                       WorkerIdentity("worker-test", 1.0))
     view = status_of(redis_client, "req-w")
     assert view.status is RequestStatus.FAILED and view.error is not None
     assert "could not read its batch: Batch has schema_version 2" in view.error
@@ -227,3 +228,50 @@ def test_worker_context_beats_the_engines_kv_budget(redis_client: redis.Redis,
     created = WorkerContext.create(settings)  # settings checked, engine picked, Redis reached
     assert created.redis.ping() and created.engine.name == "vllm"
     created.shutdown()
+
+
+def test_a_request_keeps_its_first_result(redis_client: redis.Redis) -> None:
+    """At least once upstream, once downstream: a second final result for a request already
+    final (a batch sent again after a Redis outage) is dropped, not written or published."""
+    from services.worker.runner import post_event
+    from shared.schemas import CompletedEvent, RequestResult
+
+    def result(text: str) -> CompletedEvent:
+        return CompletedEvent(kind="request", result=RequestResult(
+            request_id="req-once", batch_id="b", gpu=0, text=text, input_tokens=5,
+            generated_tokens=2, finish_reason="stop", started_at=1.0, finished_at=2.0))
+
+    redis_client.hset(keys.request("req-once"), mapping={"status": "running"})
+    post_event(redis_client, result("first"))
+    post_event(redis_client, result("second"))
+    assert redis_client.hget(keys.request("req-once"), "text") == "first"
+    assert redis_client.xlen(keys.STREAM_COMPLETED) == 1
+
+
+def test_an_engine_failure_reruns_the_request_a_bounded_number_of_times(
+        redis_client: redis.Redis) -> None:
+    """The engine fails mid-run (restarting, say): the request goes back through the predictor
+    with its rerun counted; once max_reruns is spent it fails, naming the run."""
+    from services.engine.base import EngineError
+
+    def answer(req: ChatRequest) -> ChatOutcome:
+        raise EngineError("stream ended without a finish reason")
+
+    fresh = queued("fresh")
+    spent = queued("spent").model_copy(update={"reruns": 1})
+    items = [BatchItem(request=q, max_tokens=5, predicted_tokens=5, upper_tokens=5)
+             for q in (fresh, spent)]
+    for item in items:
+        state.record_queued(redis_client, item.request)
+    batch = Batch(batch_id="b3", gpu=0, policy="magnus", items=items, estimated_service_s=1.0,
+                  formed_at=time.time())
+    asyncio.run(run_batch(redis_client, ScriptedEngine(answer), "http://unused", "m", batch,
+                          10.0, max_reruns=1))
+    ((_, rerun),) = streams.read_range(redis_client, streams.INCOMING)
+    assert rerun.request_id == "fresh" and rerun.reruns == 1
+    assert status_of(redis_client, "fresh").status is RequestStatus.REQUEUED
+    view = status_of(redis_client, "spent")
+    assert view.status is RequestStatus.FAILED and view.error is not None
+    assert view.error.startswith("engine error (run 2): stream ended without a finish reason")
+    kinds = sorted(e.kind for _, e in streams.read_range(redis_client, streams.COMPLETED))
+    assert kinds == ["batch", "request", "requeued"]

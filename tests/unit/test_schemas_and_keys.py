@@ -65,7 +65,7 @@ def test_key_names_are_distinct_and_prefixed() -> None:
     names = [keys.STREAM_INCOMING, keys.STREAM_PREDICTED, keys.STREAM_COMPLETED,
              keys.SCHEDULER_WAITING, keys.SCHEDULER_LEADER, keys.METRICS, keys.TRAINING_LENGTHS,
              keys.request("a"), keys.request_payload("a"), keys.gpu_inflight(0),
-             keys.worker_heartbeat(0), keys.gpu_inflight(1)]
+             keys.worker_heartbeat(0), keys.gpu_inflight(1), keys.gpu_running(0)]
     assert len(set(names)) == len(names)
     assert all(n.startswith(keys.PREFIX + ":") for n in names)
     assert keys.celery_queue(3) == "gpu.3"
