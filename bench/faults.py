@@ -67,6 +67,8 @@ def submit(stack: Stack, n: int, tag: str, max_tokens: int = 8,
                     resp = None  # ingress itself restarting
                 if resp is not None and resp.status_code == 202:
                     return str(resp.json()["request_id"])
+                if resp is not None and resp.status_code not in (429, 503):
+                    raise AssertionError(f"refused: {resp.status_code} {resp.text}")
                 if time.monotonic() > deadline:
                     raise AssertionError(f"not accepted within 60 s: {resp and resp.text}")
                 time.sleep(float(resp.headers.get("retry-after", 0.5)) if resp else 0.5)

@@ -25,6 +25,7 @@ from shared.schemas import (
 
 
 class HashWriter(Protocol):
+    def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any: ...
     def hset(self, name: str, *args: Any, **kwargs: Any) -> Any: ...
     def expire(self, name: str, time: int) -> Any: ...
     def zadd(self, name: str, mapping: Any, *args: Any, **kwargs: Any) -> Any: ...
@@ -50,12 +51,25 @@ def record_queued(r: HashWriter, req: QueuedRequest) -> None:
     r.zadd(keys.OPEN_REQUESTS, {req.request_id: req.queued_at})
 
 
+# A final status is never overwritten: the first of a result, a failure and a cancellation wins,
+# and a late stage (a prediction, a batch start, a second result) cannot revive a request.
+_TRANSITION = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if current == 'completed' or current == 'failed' or current == 'cancelled' then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+assert {s.value for s in FINAL_STATUSES} == {"completed", "failed", "cancelled"}
+
+
 def record_transition(
     r: HashWriter, request_id: str, status: RequestStatus, at: float, **fields: str | int | float
 ) -> None:
+    """Move a request to `status` unless it is already final (one script: atomic)."""
     mapping: dict[str, str | int | float] = {"status": status.value, f"{status.value}_at": repr(at)}
     mapping.update(fields)
-    r.hset(keys.request(request_id), mapping=mapping)
+    flat = [str(v) for kv in mapping.items() for v in kv]
+    r.eval(_TRANSITION, 1, keys.request(request_id), *flat)
 
 
 def record_predicted(r: HashWriter, p: Prediction) -> None:
@@ -96,6 +110,14 @@ def record_failed(r: HashWriter, request_id: str, at: float, reason: str) -> Non
     batch could not be read): final, with the reason the poll API shows."""
     record_transition(r, request_id, RequestStatus.FAILED, at, finish_reason="error",
                       error=reason[:500], finished_at=repr(at))
+    r.zrem(keys.OPEN_REQUESTS, request_id)
+
+
+def record_cancelled(r: HashWriter, request_id: str, at: float, reason: str) -> None:
+    """Cancelled by its client (DELETE, or a chat client that hung up): final, unless it was
+    final already. A worker running it aborts its generation (services/worker/runner.py)."""
+    record_transition(r, request_id, RequestStatus.CANCELLED, at, error=reason[:500],
+                      finished_at=repr(at))
     r.zrem(keys.OPEN_REQUESTS, request_id)
 
 

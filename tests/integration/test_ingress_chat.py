@@ -76,3 +76,23 @@ def test_chat_completion_errors(client: TestClient, redis_client: redis.Redis) -
         "model": "qa", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]})
     worker.join(5)
     assert resp.status_code == 502 and "failed: boom" in resp.json()["message"]
+
+
+def test_delete_cancels_a_request_not_yet_final_and_leaves_a_final_one(
+        client: TestClient, redis_client: redis.Redis) -> None:
+    body = {"app_id": "qa", "input": "What is 2+2?", "max_tokens": 8}
+    rid = client.post("/v1/requests", json=body).json()["request_id"]
+    resp = client.delete(f"/v1/requests/{rid}")
+    assert resp.status_code == 200 and resp.json()["status"] == "cancelled", resp.text
+    assert client.get(f"/v1/requests/{rid}").json()["status"] == "cancelled"
+    assert client.delete(f"/v1/requests/{rid}").status_code == 200  # idempotent
+    assert state.open_requests(redis_client) == 0
+
+    done = client.post("/v1/requests", json=body).json()["request_id"]
+    now = time.time()
+    state.record_result(redis_client, RequestResult(
+        request_id=done, batch_id="b", gpu=0, text="4", input_tokens=5, generated_tokens=1,
+        finish_reason="stop", started_at=now, finished_at=now))
+    resp = client.delete(f"/v1/requests/{done}")
+    assert resp.status_code == 409 and "already completed" in resp.json()["message"]
+    assert client.delete("/v1/requests/req-nobody").status_code == 404

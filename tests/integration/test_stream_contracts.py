@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -275,3 +276,70 @@ def test_an_engine_failure_reruns_the_request_a_bounded_number_of_times(
     assert view.error.startswith("engine error (run 2): stream ended without a finish reason")
     kinds = sorted(e.kind for _, e in streams.read_range(redis_client, streams.COMPLETED))
     assert kinds == ["batch", "request", "requeued"]
+
+
+def test_a_final_status_is_never_overwritten(redis_client: redis.Redis) -> None:
+    """The first of a result, a failure and a cancellation wins; later stages cannot revive."""
+    for rid in ("done", "gone"):
+        state.record_queued(redis_client, queued(rid))
+    now = time.time()
+    state.record_result(redis_client, RequestResult(
+        request_id="done", batch_id="b", gpu=0, text="first", input_tokens=10,
+        generated_tokens=3, finish_reason="stop", started_at=now, finished_at=now))
+    state.record_transition(redis_client, "done", RequestStatus.RUNNING, now)
+    state.record_cancelled(redis_client, "done", now, "too late")
+    assert status_of(redis_client, "done").status is RequestStatus.COMPLETED
+    state.record_cancelled(redis_client, "gone", now, "cancelled by the client")
+    state.record_transition(redis_client, "gone", RequestStatus.PREDICTED, now)
+    state.record_result(redis_client, RequestResult(
+        request_id="gone", batch_id="b", gpu=0, text="late", input_tokens=10,
+        generated_tokens=3, finish_reason="stop", started_at=now, finished_at=now))
+    view = status_of(redis_client, "gone")
+    assert view.status is RequestStatus.CANCELLED and view.text in (None, "")
+    assert redis_client.zcard(keys.OPEN_REQUESTS) == 0
+
+
+def test_the_worker_skips_cancelled_requests_and_aborts_one_cancelled_mid_run(
+        redis_client: redis.Redis) -> None:
+    class SlowEngine(VllmEngine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.aborted: list[str] = []
+
+        async def generate(self, http: httpx.AsyncClient, model: str,
+                           request: ChatRequest) -> ChatOutcome:
+            if request.request_id == "slow":
+                try:
+                    await asyncio.sleep(30)
+                except asyncio.CancelledError:
+                    self.aborted.append(request.request_id)
+                    raise
+            now = time.time()
+            return ChatOutcome(text="ok", prompt_tokens=10, completion_tokens=2,
+                               finish_reason="stop", started_at=now, first_token_at=now,
+                               finished_at=now)
+
+    items = [BatchItem(request=queued(rid), max_tokens=5, predicted_tokens=5, upper_tokens=5)
+             for rid in ("before", "slow", "fast")]
+    for item in items:
+        state.record_queued(redis_client, item.request)
+    state.record_cancelled(redis_client, "before", time.time(), "cancelled by the client")
+    batch = Batch(batch_id="b4", gpu=0, policy="magnus", items=items, estimated_service_s=1.0,
+                  formed_at=time.time())
+
+    def cancel_slow_soon() -> None:
+        time.sleep(0.5)
+        state.record_cancelled(redis_client, "slow", time.time(), "cancelled by the client")
+
+    engine = SlowEngine()
+    canceller = threading.Thread(target=cancel_slow_soon)
+    canceller.start()
+    record = asyncio.run(run_batch(redis_client, engine, "http://unused", "m", batch, 60.0))
+    canceller.join()
+    assert engine.aborted == ["slow"] and record.size == 1
+    assert status_of(redis_client, "before").status is RequestStatus.CANCELLED
+    assert status_of(redis_client, "slow").status is RequestStatus.CANCELLED
+    assert status_of(redis_client, "fast").status is RequestStatus.COMPLETED
+    results = [e.result.request_id for _, e in streams.read_range(redis_client, streams.COMPLETED)
+               if e.result is not None]
+    assert results == ["fast"]
