@@ -51,20 +51,25 @@ class WorkerIdentity:
         return cls(f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}", time.time())
 
 
+def _already_final(r: redis.Redis, request_id: str) -> bool:
+    """At least once upstream (a request rerun after its worker was taken for dead, say) must not
+    mean two results. The status write itself never overwrites a final status (one script in
+    `state.record_transition`); this read also keeps a second result, continuation or rerun off
+    the streams."""
+    current = call_retrying(lambda: state.statuses(r, [request_id])).get(request_id)
+    if current is not None and current.is_final:
+        log.warning("request %s is already %s: a second result is dropped", request_id,
+                    current.value)
+        return True
+    return False
+
+
 def post_event(r: redis.Redis, event: CompletedEvent,
                continuation: QueuedRequest | None = None) -> None:
     """Write a result's state change and its completed-stream entry in one transaction; a
     continuation goes back on the incoming stream in the same transaction, so it cannot be lost."""
-    if event.result is not None:
-        # At least once upstream (a request rerun after its worker was taken for dead, say) must
-        # not mean two results: a request already final keeps its first one, and grows no
-        # continuation.
-        rid = event.result.request_id
-        current = call_retrying(lambda: state.statuses(r, [rid])).get(rid)
-        if current is not None and current.is_final:
-            log.warning("request %s is already %s: a second result is dropped", rid,
-                        current.value)
-            return
+    if event.result is not None and _already_final(r, event.result.request_id):
+        return
 
     def build(pipe: redis.client.Pipeline) -> None:
         if event.result is not None and continuation is not None:
@@ -94,8 +99,7 @@ def continuation_of(req: QueuedRequest, result: RequestResult) -> QueuedRequest 
 def post_rerun(r: redis.Redis, failed: RequestResult, req: QueuedRequest) -> None:
     """The engine failed this run: the request goes back through the predictor (its partial
     result travels on the completed stream as `requeued`, so the scheduler frees its slot)."""
-    current = call_retrying(lambda: state.statuses(r, [req.request_id])).get(req.request_id)
-    if current is not None and current.is_final:
+    if _already_final(r, req.request_id):
         return
 
     def build(pipe: redis.client.Pipeline) -> None:
