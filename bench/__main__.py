@@ -15,6 +15,8 @@
     python -m bench sim [ARGS]      the simulator: real configuration, 1-GPU sweep, 8 and 64 GPUs
                                     (bench/sim_run.py's options)
     python -m bench faults [ARGS]   fault injection on a supervised stack (bench/faults.py)
+    python -m bench soak [ARGS]     10 minutes of load while a random process is killed every
+                                    minute (bench/soak.py)
     python -m bench profile-engine  measure the engine's step times for the cost model
     python -m bench report          rewrite docs/benchmarks.md's tables from results/
 """
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd in ("-h", "--help", "help"):
         print(__doc__)
         return 0
-    from bench import engine_profile, faults, load_sweep, real_stack, report, sim_run
+    from bench import engine_profile, faults, load_sweep, real_stack, report, sim_run, soak
 
     if cmd == "real":
         return real_stack.main(rest)
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         return engine_profile.main(rest)
     if cmd == "faults":
         return faults.main(rest)
+    if cmd == "soak":
+        return soak.main(rest)
     if cmd == "report":
         return report.main(rest)
     if cmd in ("all", "load"):

@@ -8,8 +8,9 @@ Each fault: submit N requests, inject the fault while they are in flight, wait u
 final, and count completed, failed (with a reason), lost (no final state within the deadline)
 and duplicated (more than one final result on the completed stream); `recovery_s` is the time
 from the fault until the killed service is serving again (restarted by the launcher's
-supervisor, or the stack started again). The integration suite runs the same scenarios with a
-few requests each (tests/integration/test_faults.py).
+supervisor, or the stack started again); for the leader scheduler, until the standby leads.
+The integration suite runs the same scenarios with a few requests each
+(tests/integration/test_faults.py).
 """
 
 from __future__ import annotations
@@ -51,27 +52,35 @@ class FaultResult:
     failures: list[str]
 
 
+def submit_one(base_url: str, body: dict[str, object], patience_s: float = 60.0) -> str:
+    """Submit until accepted (202), as a client should: a 429 or 503 (Redis restarting) is
+    retried after its Retry-After, a refused connection (ingress restarting) after 0.5 s;
+    AssertionError for any other answer, or when not accepted within `patience_s`."""
+    deadline = time.monotonic() + patience_s
+    with httpx.Client(base_url=base_url, timeout=30) as c:
+        while True:
+            try:
+                resp = c.post("/v1/requests", json=body)
+            except httpx.TransportError:
+                resp = None  # ingress itself restarting
+            if resp is not None and resp.status_code == 202:
+                return str(resp.json()["request_id"])
+            if resp is not None and resp.status_code not in (429, 503):
+                raise AssertionError(f"refused: {resp.status_code} {resp.text}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not accepted within {patience_s:.0f} s: "
+                                     f"{resp and resp.text}")
+            time.sleep(float(resp.headers.get("retry-after", 0.5)) if resp else 0.5)
+
+
 def submit(stack: Stack, n: int, tag: str, max_tokens: int = 8,
            ignore_eos: bool = False) -> list[str]:
-    """N accepted requests (202); a 503 while Redis restarts is retried, as a client should."""
+    """N accepted requests (202)."""
 
     def one(i: int) -> str:
-        body = {"app_id": "qa", "instruction": "Answer briefly.", "input": f"{tag} question {i}",
-                "max_tokens": max_tokens, "ignore_eos": ignore_eos}
-        deadline = time.monotonic() + 60
-        with httpx.Client(base_url=stack.ingress_url, timeout=30) as c:
-            while True:
-                try:
-                    resp = c.post("/v1/requests", json=body)
-                except httpx.TransportError:
-                    resp = None  # ingress itself restarting
-                if resp is not None and resp.status_code == 202:
-                    return str(resp.json()["request_id"])
-                if resp is not None and resp.status_code not in (429, 503):
-                    raise AssertionError(f"refused: {resp.status_code} {resp.text}")
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"not accepted within 60 s: {resp and resp.text}")
-                time.sleep(float(resp.headers.get("retry-after", 0.5)) if resp else 0.5)
+        return submit_one(stack.ingress_url, {
+            "app_id": "qa", "instruction": "Answer briefly.", "input": f"{tag} question {i}",
+            "max_tokens": max_tokens, "ignore_eos": ignore_eos})
 
     with cf.ThreadPoolExecutor(8) as pool:
         return list(pool.map(one, range(n)))
@@ -151,6 +160,29 @@ def kill(stack: Stack, name: str,
     return lambda: wait_restarted(stack, name, before, timeout_s=180)
 
 
+def kill_leader_scheduler(stack: Stack) -> Callable[[], float | None]:
+    """Kill -9 the scheduler that leads; the returned call waits until another process leads
+    (the handover time: a standby, or the killed one restarted if it wins the lock) and the
+    killed one is back."""
+    leader = stack.leader_scheduler()
+    assert leader is not None, "no scheduler leads"
+    killed_pid = leader.proc.pid
+    restarted = kill(stack, leader.name)
+    t0 = time.monotonic()
+
+    def handover() -> float | None:
+        deadline = t0 + 180
+        while time.monotonic() < deadline:
+            now_leading = stack.leader_scheduler()
+            if now_leading is not None and now_leading.proc.pid != killed_pid:
+                took_s = time.monotonic() - t0
+                return took_s if restarted() is not None else None
+            time.sleep(0.05)
+        return None
+
+    return handover
+
+
 def count(fault: str, stack: Stack, ids: list[str], recovery_s: float | None,
           timeout_s: float) -> FaultResult:
     final = wait_final(stack, ids, timeout_s)
@@ -186,10 +218,13 @@ ENGINE_MID = "kill -9 engine (mid-generation)"
 # Long enough that a batch of the tiny model runs for seconds, so the kill lands inside it.
 MID_BATCH_TOKENS = 768
 
+# Not a process name: whichever scheduler holds the leader lock when the fault comes.
+LEADER_SCHEDULER = "scheduler (leader)"
+
 # The faults a supervised stack must ride out: (name, service to kill, signal).
 KILLS: list[tuple[str, str, signal.Signals]] = [
     ("kill -9 predictor", "predictor", signal.SIGKILL),
-    ("kill -9 scheduler", "scheduler", signal.SIGKILL),
+    ("kill -9 leader scheduler", LEADER_SCHEDULER, signal.SIGKILL),
     ("kill -9 ingress", "ingress", signal.SIGKILL),
     (BETWEEN_BATCHES, "worker0", signal.SIGKILL),
     (MID_BATCH, "worker0", signal.SIGKILL),
@@ -216,7 +251,8 @@ def run_kill(stack: Stack, fault: str, service: str, sig: signal.Signals, n: int
         recovery = waiting()
     else:
         ids = submit(stack, n, fault)  # accepted, so now in Redis and in flight
-        waiting = kill(stack, service, sig)
+        waiting = (kill_leader_scheduler(stack) if service == LEADER_SCHEDULER
+                   else kill(stack, service, sig))
         recovery = waiting()
     return count(fault, stack, ids, recovery, timeout_s)
 

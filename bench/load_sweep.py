@@ -515,7 +515,7 @@ def run_plan(plan: Plan, pool: Sequence[Req], capacity: float | None, args: argp
                            "MAGNUS_BATCH_SIZE": str(args.batch_size)}
                     r.flushdb()
                     stack.restart("predictor", env)
-                    stack.restart("scheduler", env)
+                    stack.restart_schedulers(env)
                     stack.wait_ready(180)
                     t0 = time.time()
                     outs = asyncio.run(drive_magnus(stack.ingress_url, r, reqs, offsets,

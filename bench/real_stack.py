@@ -136,7 +136,7 @@ def run_mode(mode: str, policies: list[str], rates: list[float], reqs: list[dict
                        "MAGNUS_RETRAIN_EVERY": "1000000"}
                 r.flushdb()  # every run starts empty (the stack is idle between runs)
                 stack.restart("predictor", env)
-                stack.restart("scheduler", env)
+                stack.restart_schedulers(env)
                 stack.wait_ready(120)
                 t0 = time.monotonic()
                 outcomes = asyncio.run(replay(stack.ingress_url, reqs, arrivals, args.timeout))

@@ -33,6 +33,7 @@ import httpx
 from offline.supervision import RestartPolicy
 from services.engine import get_engine
 from services.engine.base import ServerSpec
+from services.scheduler.main import pid_of_instance
 from services.scheduler.registry import get_policy
 from shared import keys
 from shared.redis_conn import connect
@@ -206,7 +207,8 @@ class Stack:
             self.start_worker(g)
         env = self._common_env()
         self._spawn("predictor", [sys.executable, "-m", "services.predictor.main"], env)
-        self._spawn("scheduler", [sys.executable, "-m", "services.scheduler.main"], env)
+        for i in range(1 + s.standby_schedulers):  # one leads, the others stand by
+            self._spawn(f"scheduler{i}", [sys.executable, "-m", "services.scheduler.main"], env)
         self._spawn("ingress", [sys.executable, "-m", "services.ingress.app"],
                     {**env, "MAGNUS_HOST": "127.0.0.1", "MAGNUS_PORT": str(s.ingress_port)})
         self.ingress_url = f"http://127.0.0.1:{s.ingress_port}"
@@ -257,6 +259,38 @@ class Stack:
         _wait_group_gone(old.proc.pid, timeout_s=10)
         self.children.remove(old)
         return self._spawn(name, old.cmd, {**old.env, **(extra_env or {})}, old.cwd)
+
+    def restart_schedulers(self, extra_env: dict[str, str]) -> None:
+        """Every scheduler stopped, then all started with `extra_env` (a benchmark switching
+        policy): restarting one at a time would let a standby with the old settings lead."""
+        with self._lock:
+            old = [c for c in self.children if c.name.startswith("scheduler")]
+            for child in old:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.proc.pid, signal.SIGTERM)
+            for child in old:
+                try:
+                    child.proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(child.proc.pid, signal.SIGKILL)
+                    child.proc.wait(timeout=5)
+                _wait_group_gone(child.proc.pid, timeout_s=10)
+                self.children.remove(child)
+            for child in old:
+                self._spawn(child.name, child.cmd, {**child.env, **extra_env}, child.cwd)
+
+    def leader_scheduler(self) -> Child | None:
+        """The scheduler that holds the leader lock now (None: none does)."""
+        r = connect(self.redis_url)
+        try:
+            holder = r.get(keys.SCHEDULER_LEADER)
+        finally:
+            r.close()
+        pid = pid_of_instance(holder) if holder else None
+        with self._lock:
+            leaders = [c for c in self.children
+                       if c.name.startswith("scheduler") and c.proc.pid == pid]
+        return leaders[0] if leaders else None
 
     def check_alive(self) -> list[str]:
         return [c.name for c in self.children if not c.alive()]

@@ -41,6 +41,11 @@ class MagnusSettings(BaseSettings):
     # most this many times, then fails with the reason: a request that kills its engine must not
     # kill it forever. Read by the scheduler (dead workers) and the workers (engine errors).
     max_reruns: int = Field(default=2, ge=0)
+    # The broker hands a batch message out again when it has been unacknowledged this long (a
+    # worker killed after taking it, before claiming it). Safe because a worker runs a batch only
+    # if its claim succeeds: the copy of a batch that runs or ran is skipped. Celery's default is
+    # an hour.
+    broker_visibility_timeout_s: float = Field(default=60.0, gt=0)
 
 
 class IngressSettings(MagnusSettings):
@@ -162,6 +167,9 @@ class LauncherSettings(MagnusSettings):
     engine_ready_timeout_s: float = Field(default=300.0, gt=0)
     # Celery threads per worker in continuous mode (each runs one admitted group on the engine).
     continuous_worker_threads: int = Field(default=64, ge=1)
+    # Schedulers beside the leader, waiting for its lock (SchedulerSettings.leader_ttl_s) to
+    # expire: a killed leader is replaced within the TTL, not after a restart.
+    standby_schedulers: int = Field(default=1, ge=0)
     run_dir: Path = REPO_ROOT / "run"
     # The embedded Redis keeps an append-only file under run_dir/redis (fsync every second: at
     # most the last second of writes is lost if the machine dies) and reloads it on the next

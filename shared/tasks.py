@@ -19,7 +19,7 @@ from shared.schemas import Batch
 RUN_BATCH_TASK = "magnus.run_batch"
 
 
-def make_celery(redis_url: str) -> Celery:
+def make_celery(redis_url: str, visibility_timeout_s: float = 60.0) -> Celery:
     app = Celery("magnus", broker=redis_url)
     app.conf.update(
         task_serializer="json",
@@ -34,6 +34,9 @@ def make_celery(redis_url: str) -> Celery:
         # Results travel on Magnus's own completed stream, not Celery's result backend.
         task_track_started=False,
         worker_hijack_root_logger=False,
+        # A message a dead worker took and never claimed comes back after this long (workers
+        # restore expired messages every 10 s); copies of a claimed batch are skipped.
+        broker_transport_options={"visibility_timeout": visibility_timeout_s},
     )
     return app
 

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 import redis
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -317,6 +318,21 @@ async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
         "message": "the queue store is unavailable; nothing was accepted, retry shortly"})
 
 
+def publish_limits(openapi: dict[str, Any], settings: IngressSettings) -> dict[str, Any]:
+    """The OpenAPI schema with the limits this deployment enforces (they are settings, so the
+    request models cannot carry them): a client, or a schema-driven test, sees the real bounds."""
+    models = openapi.get("components", {}).get("schemas", {})
+    for model in ("SubmitRequest", "ChatCompletionRequest"):
+        props = models.get(model, {}).get("properties", {})
+        for field in ("max_tokens", "max_completion_tokens"):
+            if field not in props:
+                continue
+            for variant in props[field].get("anyOf", [props[field]]):
+                if variant.get("type") == "integer":
+                    variant["maximum"] = settings.max_tokens_limit
+    return openapi
+
+
 def create_app(
     settings: IngressSettings | None = None,
     redis_factory: Callable[[IngressSettings], redis.Redis] | None = None,
@@ -343,6 +359,14 @@ def create_app(
     app.exception_handler(redis.TimeoutError)(_redis_down)
     app.exception_handler(redis.BusyLoadingError)(_redis_down)
     app.include_router(router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = publish_limits(
+                get_openapi(title=app.title, version=app.version, routes=app.routes), settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

@@ -38,6 +38,26 @@ from shared.tasks import TaskSender, make_celery, send_batch
 
 log = logging.getLogger("magnus.scheduler")
 
+# Renew the leader lock only while this instance holds it: a GET then PEXPIRE could extend the
+# lock of a standby that took over in between.
+_RENEW_LEADERSHIP = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
+def instance_id_for(pid: int) -> str:
+    """The value a scheduler writes to the leader lock: its process id first, so an operator
+    (and the launcher) can tell which process leads."""
+    return f"scheduler-{pid}-{uuid.uuid4().hex[:6]}"
+
+
+def pid_of_instance(instance_id: str) -> int | None:
+    parts = instance_id.split("-")
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
 
 def to_waiting(p: PredictedRequest) -> policy.WaitingRequest:
     """The policy's view of a request. For a continuation, lengths are what remains to generate
@@ -112,10 +132,8 @@ class Scheduler:
             log.info("scheduler %s leads", self.instance_id)
             self.rebuild()
             return True
-        if self.r.get(keys.SCHEDULER_LEADER) == self.instance_id:
-            self.r.pexpire(keys.SCHEDULER_LEADER, ttl_ms)
-            return True
-        return False
+        return bool(self.r.eval(_RENEW_LEADERSHIP, 1, keys.SCHEDULER_LEADER, self.instance_id,
+                                ttl_ms))
 
     def rebuild(self) -> None:
         """Reload the waiting pool and in-flight batches a previous leader left in Redis, and take
@@ -403,7 +421,8 @@ class Scheduler:
             try:
                 now = time.time()
                 down = outage.down_since is not None
-                if down or now - last_lock > self.settings.leader_ttl_s / 3:
+                # The leader renews every third of the TTL; a standby tries at every pass.
+                if not leading or down or now - last_lock > self.settings.leader_ttl_s / 3:
                     leading, last_lock = self.hold_leadership(), now
                     if leading and down:
                         # Memory may be ahead of or behind Redis after an outage (a step cut
@@ -411,7 +430,9 @@ class Scheduler:
                         self.rebuild()
                     outage.recovered()
                 if not leading:
-                    stop.wait(1.0)
+                    # A standby: try for the lock often enough to take over soon after it
+                    # expires (within a tenth of its TTL).
+                    stop.wait(min(1.0, self.settings.leader_ttl_s / 10))
                     continue
                 self.tick(time.time, block_ms=int(self.settings.tick_s * 1000))
             except REDIS_DOWN as exc:
@@ -424,8 +445,8 @@ def main() -> int:
     stop = start_service()
     settings = SchedulerSettings()
     r = connect(settings.redis_url, settings.redis_connect_timeout_s)
-    Scheduler(r, make_celery(settings.redis_url), settings,
-              instance_id=f"scheduler-{os.getpid()}-{uuid.uuid4().hex[:6]}").run(stop)
+    Scheduler(r, make_celery(settings.redis_url, settings.broker_visibility_timeout_s), settings,
+              instance_id=instance_id_for(os.getpid())).run(stop)
     return 0
 
 

@@ -146,7 +146,8 @@ class WorkerContext:
 
 # `celery -A` needs the app, so its broker URL, at import; creating it connects to nothing. The
 # worker's own settings are checked in `worker_init`.
-app = make_celery(MagnusSettings().redis_url)
+_celery_settings = MagnusSettings()
+app = make_celery(_celery_settings.redis_url, _celery_settings.broker_visibility_timeout_s)
 _context: WorkerContext | None = None
 
 

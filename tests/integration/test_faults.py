@@ -15,6 +15,7 @@ import pytest
 from bench import faults
 from offline.launcher import Stack
 from offline.model import build_tiny
+from shared.settings import SchedulerSettings
 from tests.conftest import StackFactory
 
 pytestmark = [pytest.mark.integration, pytest.mark.engine]
@@ -37,6 +38,11 @@ def test_a_killed_service_is_restarted_and_nothing_is_lost(
 ) -> None:
     result = faults.run_kill(supervised, fault, service, sig, N, timeout_s=180)
     assert result.recovery_s is not None, f"{service} was not restarted"
+    if service == faults.LEADER_SCHEDULER:
+        # The standby (make run starts one) takes the lock once it expires: within the TTL of
+        # the kill, plus the standby's poll (a tenth of the TTL) and this test's own polling.
+        ttl_s = SchedulerSettings().leader_ttl_s
+        assert result.recovery_s <= ttl_s * 1.1 + 0.5, result
     assert (result.lost, result.duplicated) == (0, 0), result
     assert result.completed == N, result.failures
     assert supervised.gave_up is None
