@@ -4,12 +4,13 @@
 
 Open-loop Poisson arrivals (`--rate` requests/s for `--minutes`) of short requests from a few
 apps, each submitted as a client would (retried on 429 / 503 / a refused connection until it
-gets its 202). Every `--kill-every` seconds one process, drawn at random, gets SIGKILL: the
-worker, the engine, the predictor, the leading or the standby scheduler, ingress or Redis. The
-launcher's supervisor restarts it; nothing else helps. After the last arrival the run waits for
-every accepted request to end, then counts completed, failed (with a reason), lost (no final
-state within `--drain-s`) and duplicated (more than one final result), and writes
-results/soak.json and the table in docs/reliability.md.
+gets its 202). Every `--kill-every` seconds one process gets SIGKILL, drawn at random in
+shuffled rounds (each kind once before any twice): the worker, the engine, the predictor, the
+leading or the standby scheduler, ingress or Redis. The launcher's supervisor restarts it;
+nothing else helps. After the last arrival the run waits for every accepted request to end, then
+counts completed, failed (with a reason), lost (no final state within `--drain-s`) and
+duplicated (more than one final result), and writes results/soak.json and the table in
+docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -82,10 +83,23 @@ def kill_one(stack: Stack, target: str) -> tuple[str, float | None]:
     return target, faults.kill(stack, target, signal.SIGKILL)()
 
 
+def kill_order(rng: random.Random, n: int) -> list[str]:
+    """`n` targets in random order, drawn in shuffled rounds of every target: each kind of
+    process is killed once before any is killed twice (a plain draw left two kinds untouched in
+    ten minutes)."""
+    order: list[str] = []
+    while len(order) < n:
+        round_ = list(TARGETS)
+        rng.shuffle(round_)
+        order.extend(round_)
+    return order[:n]
+
+
 def killer(stack: Stack, rng: random.Random, every_s: float, t0: float, stop: threading.Event,
            kills: list[Kill]) -> None:
+    order = kill_order(rng, 10_000)
     while not stop.wait(max(0.0, t0 + every_s * (len(kills) + 1) - time.monotonic())):
-        target = rng.choice(TARGETS)
+        target = order[len(kills)]
         at = time.monotonic() - t0
         process, recovered = kill_one(stack, target)
         kills.append(Kill(round(at, 1), target, process,

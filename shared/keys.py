@@ -46,6 +46,16 @@ def request_payload(request_id: str) -> str:
     return f"{PREFIX}:req:{request_id}:payload"
 
 
+def request_text(request_id: str) -> str:
+    """Stream of the text a streaming request's engine has generated so far, piece by piece
+    (`TextDelta`), written by its worker and read by ingress for server-sent events."""
+    return f"{PREFIX}:req:{request_id}:text"
+
+
+# A request's text stream keeps at most about this many pieces (one per token or so).
+TEXT_STREAM_MAXLEN = 20_000
+
+
 def gpu_inflight(gpu: int) -> str:
     """Hash of batch id -> Batch JSON dispatched to this GPU and not yet recorded as done."""
     return f"{PREFIX}:gpu:{gpu}:inflight"

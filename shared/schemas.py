@@ -123,10 +123,25 @@ class QueuedRequest(Message):
     continuations: int = Field(default=0, ge=0)
     # Times this request's batch was lost with its worker (killed mid-batch) and run again.
     reruns: int = Field(default=0, ge=0)
+    # The client streams the answer (OpenAI `stream: true`): the worker publishes the text as
+    # the engine generates it (`TextDelta`s on keys.request_text).
+    stream: bool = False
 
     @property
     def remaining_max_tokens(self) -> int:
         return self.max_tokens - self.generated_so_far
+
+
+class TextDelta(Message):
+    """A piece of a streaming request's answer as its engine generated it. `offset` is where
+    the piece starts in the whole answer (in characters, continuations included), so a reader
+    can tell a piece it already has (a rerun replaying the start) from a new one; `run` is the
+    request's rerun count when it was generated."""
+
+    run: int = Field(ge=0)
+    offset: int = Field(ge=0)
+    text: str
+    at: float
 
 
 class PredictorSource(enum.StrEnum):

@@ -5,6 +5,8 @@ field its entries carry and that field's message type), `publish` to write an en
     INCOMING   ingress, worker (continuations) -> predictor    QueuedRequest
     PREDICTED  predictor -> scheduler                          PredictedRequest
     COMPLETED  worker -> scheduler, predictor (training)       CompletedEvent
+    per request text (keys.request_text) worker -> ingress     TextDelta (no consumer group:
+               one reader, the ingress answering the stream, reads from the start)
 
 An entry that cannot be read (another `schema_version`, malformed JSON, no field) is refused: the
 reader logs it, acknowledges it and goes on, so one poison entry cannot block a consumer forever.
@@ -29,6 +31,7 @@ from shared.schemas import (
     Message,
     PredictedRequest,
     QueuedRequest,
+    TextDelta,
 )
 
 log = logging.getLogger(__name__)
@@ -96,6 +99,27 @@ class StreamWriter(Protocol):
 def publish(r: StreamWriter, spec: StreamSpec[M], message: M) -> None:
     # Trimmed approximately (cheap in Redis); consumers keep up far before the bound.
     r.xadd(spec.key, spec.encode(message), maxlen=keys.STREAM_MAXLEN, approximate=True)
+
+
+TEXT_FIELD = "delta"
+
+
+def append_text(pipe: Any, request_id: str, deltas: list[TextDelta]) -> None:
+    """Queue `deltas` on a pipeline: appended to the request's text stream, which lives as long
+    as the request's hash."""
+    key = keys.request_text(request_id)
+    for delta in deltas:
+        pipe.xadd(key, {TEXT_FIELD: delta.model_dump_json()},
+                  maxlen=keys.TEXT_STREAM_MAXLEN, approximate=True)
+    pipe.expire(key, keys.REQUEST_TTL_S)
+
+
+def decode_text(fields: Mapping[str, str]) -> TextDelta:
+    """A text stream entry; a `ValueError` when it cannot be read."""
+    raw = fields.get(TEXT_FIELD)
+    if raw is None:
+        raise MalformedEntry(f"text entry without a {TEXT_FIELD!r} field")
+    return TextDelta.parse(raw)
 
 
 def read_range(r: redis.Redis, spec: StreamSpec[M], start: str = "-", end: str = "+",

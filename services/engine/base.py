@@ -144,9 +144,10 @@ class Engine(Protocol):
         """The server's KV cache as it reports it; None if it does not."""
         ...
 
-    async def generate(self, http: httpx.AsyncClient, model: str,
-                       request: ChatRequest) -> ChatOutcome:
-        """One completion, to its end; `EngineAborted` if aborted, `EngineError` if refused."""
+    async def generate(self, http: httpx.AsyncClient, model: str, request: ChatRequest,
+                       on_chunk: Callable[[StreamChunk], None] | None = None) -> ChatOutcome:
+        """One completion, to its end; `EngineAborted` if aborted, `EngineError` if refused.
+        `on_chunk` sees each piece as it arrives (a streaming client's text)."""
         ...
 
     def stream(self, http: httpx.AsyncClient, model: str,

@@ -183,8 +183,8 @@ class VllmEngine:
         resp.raise_for_status()
         return parse_kv_cache(resp.text)
 
-    async def generate(self, http: httpx.AsyncClient, model: str,
-                       request: ChatRequest) -> ChatOutcome:
+    async def generate(self, http: httpx.AsyncClient, model: str, request: ChatRequest,
+                       on_chunk: Callable[[StreamChunk], None] | None = None) -> ChatOutcome:
         started = time.time()
         first_token_at: float | None = None
         parts: list[str] = []
@@ -194,6 +194,8 @@ class VllmEngine:
             async for chunk in chunks:
                 if chunk.text and first_token_at is None:
                     first_token_at = chunk.at
+                if on_chunk is not None:
+                    on_chunk(chunk)
                 parts.append(chunk.text)
                 if chunk.finish_reason:
                     finish_reason = chunk.finish_reason

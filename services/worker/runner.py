@@ -14,14 +14,14 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import redis
 
-from services.engine.base import ChatRequest, Engine, EngineError
+from services.engine.base import ChatRequest, Engine, EngineError, StreamChunk
 from shared import keys, state, streams
 from shared.redis_conn import REDIS_DOWN, call_retrying, execute_retrying
 from shared.schemas import (
@@ -33,10 +33,74 @@ from shared.schemas import (
     QueuedRequest,
     RequestResult,
     RequestStatus,
+    TextDelta,
 )
 from shared.tasks import parse_batch
 
 log = logging.getLogger(__name__)
+
+# How long a streaming request's new text may wait before it is written to Redis: pieces of all
+# of a batch's streaming requests go out together in one pipeline this often.
+TEXT_FLUSH_S = 0.02
+
+
+class TextPublisher:
+    """Writes the text streaming requests generate to their text streams (keys.request_text),
+    batched: `add` from the event loop, a background task flushes every `TEXT_FLUSH_S`.
+
+    Best effort: the request's result, written after, is the answer's record; a piece lost to a
+    Redis outage only makes the client wait for that result."""
+
+    def __init__(self, r: redis.Redis) -> None:
+        self.r = r
+        self.pending: dict[str, list[TextDelta]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, request_id: str, delta: TextDelta) -> None:
+        self.pending.setdefault(request_id, []).append(delta)
+
+    def _write(self, pending: dict[str, list[TextDelta]]) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        for request_id, deltas in pending.items():
+            streams.append_text(pipe, request_id, deltas)
+        pipe.execute()
+
+    async def flush(self) -> None:
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, {}
+        try:
+            await asyncio.to_thread(self._write, pending)
+        except REDIS_DOWN as exc:
+            log.warning("streamed text of %d requests not written: %s", len(pending), exc)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(TEXT_FLUSH_S)
+            await self.flush()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.flush()
+
+
+def text_sink(publisher: TextPublisher, req: QueuedRequest) -> Callable[[StreamChunk], None]:
+    """What the engine calls with each piece of a streaming request's answer."""
+    offset = len(req.continuation)
+
+    def on_chunk(chunk: StreamChunk) -> None:
+        nonlocal offset
+        if chunk.text:
+            publisher.add(req.request_id, TextDelta(run=req.reruns, offset=offset,
+                                                    text=chunk.text, at=chunk.at))
+            offset += len(chunk.text)
+
+    return on_chunk
 
 
 @dataclass(frozen=True)
@@ -113,7 +177,8 @@ def post_rerun(r: redis.Redis, failed: RequestResult, req: QueuedRequest) -> Non
 
 
 async def _run_item(
-    engine: Engine, http: httpx.AsyncClient, model: str, batch: Batch, item: BatchItem
+    engine: Engine, http: httpx.AsyncClient, model: str, batch: Batch, item: BatchItem,
+    publisher: TextPublisher | None = None,
 ) -> RequestResult:
     req = item.request
     started = time.time()
@@ -123,7 +188,11 @@ async def _run_item(
                        sampling=req.sampling, continuation=req.continuation,
                        priority=item.engine_priority)
     try:
-        out = await engine.generate(http, model, chat)
+        if req.stream and publisher is not None:
+            out = await engine.generate(http, model, chat,
+                                        on_chunk=text_sink(publisher, req))
+        else:
+            out = await engine.generate(http, model, chat)
     except (httpx.HTTPError, EngineError, ValueError) as exc:
         log.warning("request %s failed on the engine: %s", req.request_id, exc)
         runs = f" (run {req.reruns + 1})" if req.reruns else ""
@@ -177,10 +246,13 @@ async def run_batch(
     execute_retrying(r, running)
 
     limits = httpx.Limits(max_connections=len(batch.items) + 2)
+    publisher = TextPublisher(r) if any(i.request.stream for i in live) else None
     async with httpx.AsyncClient(base_url=engine_url, timeout=timeout_s, limits=limits) as http:
 
         async def run_and_post(item: BatchItem) -> RequestResult:
-            result = await _run_item(engine, http, model, batch, item)
+            result = await _run_item(engine, http, model, batch, item, publisher)
+            if publisher is not None and item.request.stream:
+                await publisher.flush()  # the text before the result that ends it
             if result.finish_reason == "error" and item.request.reruns < max_reruns:
                 # The engine failed (restarting, say): run it again, a bounded number of times.
                 await asyncio.to_thread(post_rerun, r, result, item.request)
@@ -192,12 +264,16 @@ async def run_batch(
                                     continuation)
             return result
 
+        if publisher is not None:
+            publisher.start()
         tasks = [asyncio.create_task(run_and_post(i)) for i in live]
         watcher = asyncio.create_task(_abort_cancelled(r, live, tasks))
         try:
             outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             watcher.cancel()
+            if publisher is not None:
+                await publisher.stop()
 
     for outcome in outcomes:
         if isinstance(outcome, BaseException) and not isinstance(outcome,

@@ -47,7 +47,8 @@ def test_no_input_gets_a_server_error(fuzzed_stack: Stack) -> None:
         operations.append(result.ok())
     assert {op.label for op in operations} >= {
         "POST /v1/requests", "GET /v1/requests/{request_id}", "DELETE /v1/requests/{request_id}",
-        "POST /v1/chat/completions", "GET /v1/metrics", "GET /healthz"}
+        "POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models", "GET /v1/metrics",
+        "GET /healthz"}
     server_errors: list[str] = []
     answered: Counter[tuple[str, int]] = Counter()
     for operation in operations:
@@ -73,4 +74,5 @@ def test_no_input_gets_a_server_error(fuzzed_stack: Stack) -> None:
     assert not server_errors, "\n".join(server_errors[:20])
     # Not vacuous: generated inputs were accepted and answered, not only refused.
     accepted = {label for (label, status), _ in answered.items() if status < 300}
-    assert {"POST /v1/requests", "POST /v1/chat/completions", "GET /healthz"} <= accepted, answered
+    assert {"POST /v1/requests", "POST /v1/chat/completions", "POST /v1/completions",
+            "GET /healthz"} <= accepted, answered

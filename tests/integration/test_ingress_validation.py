@@ -151,15 +151,37 @@ def test_an_error_echoes_only_an_excerpt_of_a_huge_value(client: TestClient) -> 
         ({"temperature": 100}, "temperature"),
         ({"top_p": 0}, "top_p"),
         ({"messages": [{"role": "user", "content": "hi"}], "model": ""}, "model"),
+        ({"n": 2}, "n"),
+        ({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": " "}]}]},
+         "messages"),
+        ({"stream": "sometimes"}, "stream"),
     ],
 )
-def test_bad_chat_requests_are_422_naming_the_field(
+def test_bad_chat_requests_are_422_naming_the_field_in_openais_error_shape(
     client: TestClient, redis_client: redis.Redis, patch: dict[str, object], field: str,
 ) -> None:
     body = {"model": "qa", "messages": [{"role": "user", "content": "hi"}], **patch}
     resp = client.post("/v1/chat/completions", json=body)
     assert resp.status_code == 422, resp.text
-    assert resp.json()["message"].startswith(field), resp.text
+    error = resp.json()["error"]
+    assert error["message"].startswith(field) and error["param"].startswith(field), error
+    assert error["type"] == "invalid_request_error"
+    assert redis_client.dbsize() == 0
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [({"prompt": ""}, "prompt"), ({"prompt": ["a", "b"]}, "prompt"), ({"n": 3}, "n"),
+     ({"max_tokens": 0}, "max_tokens"), ({"prompt": 7}, "prompt")],
+)
+def test_bad_completion_requests_are_422_naming_the_field(
+    client: TestClient, redis_client: redis.Redis, patch: dict[str, object], field: str,
+) -> None:
+    resp = client.post("/v1/completions", json={"model": "qa", "prompt": "hi", **patch})
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["param"].startswith(field), resp.text
     assert redis_client.dbsize() == 0
 
 

@@ -94,6 +94,67 @@ def test_openai_compatible_chat_completion(stack: Stack) -> None:
     assert 1 <= body["usage"]["completion_tokens"] <= 16
 
 
+def test_the_official_openai_client_streams_tokens_as_the_engine_generates_them(
+        stack: Stack) -> None:
+    """`openai` unchanged, pointed at ingress: the chat stream's pieces arrive one by one while
+    SmolLM2 generates (the first long before the request finishes), they add up to the answer
+    the poll API holds, and the usage chunk counts them; models and completions answer too."""
+    import time
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{stack.ingress_url}/v1", api_key="not-needed-on-loopback",
+                    timeout=240)
+    sent_at = time.time()
+    stream = client.chat.completions.create(
+        model="poems", max_tokens=64, temperature=0.0, stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "system", "content": "You are a poet."},
+                  {"role": "user", "content": "Write a poem of eight lines about the sea."}])
+    pieces: list[tuple[float, str]] = []
+    finish_reason = request_id = None
+    usage = None
+    for chunk in stream:
+        request_id = chunk.id
+        if chunk.choices:
+            if chunk.choices[0].delta.content:
+                pieces.append((time.time(), chunk.choices[0].delta.content))
+            finish_reason = chunk.choices[0].finish_reason or finish_reason
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert finish_reason in ("stop", "length") and usage is not None and request_id
+    with httpx.Client(base_url=stack.ingress_url, timeout=30) as c:
+        view = c.get(f"/v1/requests/{request_id}").json()
+    assert "".join(text for _, text in pieces) == view["text"]
+    assert usage.completion_tokens == view["generated_tokens"] >= 16
+    # Streamed, not sent at the end: many pieces, the first well before the engine finished.
+    assert len(pieces) >= 8, pieces
+    first_piece_at, finished_at = pieces[0][0], view["timestamps"]["finished"]
+    assert finished_at - first_piece_at > 0.3 * (finished_at - view["timestamps"]["started"])
+    print(f"time to first token at the client {first_piece_at - sent_at:.2f} s, "
+          f"answer finished after {finished_at - sent_at:.2f} s, {len(pieces)} pieces")
+
+    assert [m.id for m in client.models.list()] == [stack.settings.served_model_name]
+    completion = client.completions.create(model="qa", prompt="The capital of France is",
+                                           max_tokens=8, temperature=0.0)
+    assert completion.choices[0].text.strip() and completion.usage is not None
+
+
+def test_a_streaming_client_that_hangs_up_cancels_its_request(stack: Stack) -> None:
+    with httpx.Client(base_url=stack.ingress_url, timeout=240) as client:
+        with client.stream("POST", "/v1/chat/completions", json={
+                "model": "counting", "max_tokens": 512, "stream": True,
+                "messages": [{"role": "user", "content": "Count from 1 to 300, one number "
+                                                         "per line."}]}) as resp:
+            request_id = resp.headers["x-request-id"]
+            for line in resp.iter_lines():
+                if '"content": "' in line and '"content": ""' not in line:
+                    break  # the first generated text: now hang up
+        view = poll_until_final(client, request_id)
+    assert view["status"] == "cancelled", view
+    assert "disconnected" in view["error"]
+
+
 def test_bench_replay_measures_every_request(stack: Stack) -> None:
     """The benchmark harness's replay and metrics on the real stack: the same code
     `python -m bench` runs, on four profiled test-split requests."""

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import redis
 
-from services.engine.base import ChatOutcome, ChatRequest, KVCacheInfo
+from services.engine.base import ChatOutcome, ChatRequest, KVCacheInfo, StreamChunk
 from services.engine.vllm import VllmEngine
 from services.predictor.main import PredictorService
 from services.worker.main import WorkerContext
@@ -172,9 +172,14 @@ class ScriptedEngine(VllmEngine):
         super().__init__()
         self.answer = answer
 
-    async def generate(self, http: httpx.AsyncClient, model: str,
-                       request: ChatRequest) -> ChatOutcome:
-        return self.answer(request)
+    async def generate(self, http: httpx.AsyncClient, model: str, request: ChatRequest,
+                       on_chunk: Callable[[StreamChunk], None] | None = None) -> ChatOutcome:
+        outcome = self.answer(request)
+        if on_chunk is not None:  # a streaming request: its text in two pieces
+            half = len(outcome.text) // 2
+            for piece in (outcome.text[:half], outcome.text[half:]):
+                on_chunk(StreamChunk(at=time.time(), text=piece))
+        return outcome
 
 
 def test_the_worker_posts_results_continuations_and_the_batch_record(
@@ -201,6 +206,34 @@ def test_the_worker_posts_results_continuations_and_the_batch_record(
     ((_, continuation),) = streams.read_range(redis_client, streams.INCOMING)
     assert continuation.request_id == "capped" and continuation.generated_so_far == 4
     assert status_of(redis_client, "done").status is RequestStatus.COMPLETED
+
+
+def test_the_worker_streams_the_text_of_a_streaming_request_before_its_result(
+        redis_client: redis.Redis) -> None:
+    """Only a request whose client streams gets a text stream; its pieces carry their offsets in
+    the whole answer (after a continuation's earlier text) and are written before the result."""
+    def answer(req: ChatRequest) -> ChatOutcome:
+        now = time.time()
+        return ChatOutcome(text="abcdef", prompt_tokens=10, completion_tokens=6,
+                           finish_reason="stop", started_at=now, first_token_at=now,
+                           finished_at=now)
+
+    streaming = queued("streamed").model_copy(update={"stream": True, "continuation": "xy",
+                                                      "generated_so_far": 2})
+    items = [BatchItem(request=r, max_tokens=8, predicted_tokens=8, upper_tokens=8)
+             for r in (streaming, queued("polled"))]
+    for item in items:
+        state.record_queued(redis_client, item.request)
+    batch = Batch(batch_id="b3", gpu=0, policy="magnus", items=items, estimated_service_s=1.0,
+                  formed_at=time.time())
+    asyncio.run(run_batch(redis_client, ScriptedEngine(answer), "http://unused", "m", batch,
+                          10.0))
+    deltas = [streams.decode_text(f)
+              for _, f in redis_client.xrange(keys.request_text("streamed"))]
+    assert [(d.offset, d.text) for d in deltas] == [(2, "abc"), (5, "def")]
+    assert redis_client.ttl(keys.request_text("streamed")) > 0
+    assert not redis_client.exists(keys.request_text("polled"))
+    assert status_of(redis_client, "streamed").text == "xyabcdef"
 
 
 def test_the_worker_fails_the_requests_of_a_batch_it_cannot_read(
@@ -306,8 +339,9 @@ def test_the_worker_skips_cancelled_requests_and_aborts_one_cancelled_mid_run(
             super().__init__()
             self.aborted: list[str] = []
 
-        async def generate(self, http: httpx.AsyncClient, model: str,
-                           request: ChatRequest) -> ChatOutcome:
+        async def generate(self, http: httpx.AsyncClient, model: str, request: ChatRequest,
+                           on_chunk: Callable[[StreamChunk], None] | None = None
+                           ) -> ChatOutcome:
             if request.request_id == "slow":
                 try:
                     await asyncio.sleep(30)

@@ -1,0 +1,136 @@
+"""What ingress's routes share: the state built at start-up, validation before anything touches
+Redis, queueing, reading a request back, cancelling one, and the error type handlers raise."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import redis
+import redis.asyncio
+from fastapi import Depends, Request
+
+from services.ingress.tokens import PromptCounter
+from shared import keys, state, streams
+from shared.schemas import QueuedRequest, SubmitRequest
+from shared.settings import IngressSettings
+
+
+class ApiError(Exception):
+    """A client error about one field, answered as a FastAPI-style validation detail."""
+
+    def __init__(self, status_code: int, field: str, message: str,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status_code, self.field, self.message = status_code, field, message
+        self.headers = headers
+
+
+# An error echoes at most this much of the offending value: a 100 kB field is not sent back.
+_EXCERPT_CHARS = 80
+
+
+def excerpt(value: Any) -> str:
+    """A short, always-serialisable rendering of an offending input (NaN, a lone surrogate and
+    huge strings included)."""
+    text = repr(value)
+    if len(text) > _EXCERPT_CHARS:
+        text = text[:_EXCERPT_CHARS] + f"... ({len(text)} chars)"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def clean_errors(errors: Any) -> list[dict[str, Any]]:
+    """Validation errors as plain JSON: location, message, type and an excerpt of the input
+    (pydantic's own `input` and `ctx` can hold NaN, surrogates or exceptions)."""
+    out = []
+    for e in errors:
+        item: dict[str, Any] = {"loc": [str(p) for p in e.get("loc", ())],
+                                "msg": str(e.get("msg", "invalid")),
+                                "type": str(e.get("type", "value_error"))}
+        if "input" in e:
+            item["input"] = excerpt(e["input"])
+        out.append(item)
+    return out or [{"loc": ["body"], "msg": "invalid request", "type": "value_error"}]
+
+
+def error_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    first = errors[0]
+    field = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    return {"message": f"{field}: {first.get('msg', 'invalid')}", "detail": errors}
+
+
+@dataclass(frozen=True)
+class IngressState:
+    """What the handlers share, built once at start-up (lifespan) and kept on `app.state`."""
+
+    settings: IngressSettings
+    redis: redis.Redis
+    counter: PromptCounter
+    # For the long waits of streamed answers (blocking stream reads), which would otherwise each
+    # hold one of the few threads `asyncio.to_thread` has.
+    aredis: redis.asyncio.Redis
+
+
+async def get_ingress(request: Request) -> IngressState:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, too much for a lookup.
+    ingress: IngressState = request.app.state.ingress
+    return ingress
+
+
+Ingress = Annotated[IngressState, Depends(get_ingress)]
+_ID = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
+
+
+def valid_id(value: str) -> bool:
+    return _ID.fullmatch(value) is not None
+
+
+def validate_and_build(ingress: IngressState, body: SubmitRequest,
+                       stream: bool = False) -> QueuedRequest:
+    """The queued request, or the `ApiError` naming the field that does not fit."""
+    settings = ingress.settings
+    if body.max_tokens > settings.max_tokens_limit:
+        raise ApiError(422, "max_tokens", f"max_tokens must be at most {settings.max_tokens_limit}")
+    if len(body.input) > settings.max_input_chars:
+        raise ApiError(413, "input", f"input is longer than {settings.max_input_chars} characters")
+    input_tokens = ingress.counter.count(body.instruction, body.input)
+    if input_tokens >= settings.max_model_len:
+        raise ApiError(413, "input", f"prompt is {input_tokens} tokens; the model context is "
+                       f"{settings.max_model_len}")
+    if input_tokens + body.max_tokens > settings.max_model_len:
+        raise ApiError(422, "max_tokens", f"prompt ({input_tokens} tokens) + max_tokens "
+                       f"({body.max_tokens}) exceeds the model context "
+                       f"({settings.max_model_len})")
+    return QueuedRequest(
+        request_id=f"req-{uuid.uuid4().hex}", app_id=body.app_id, user_id=body.user_id,
+        instruction=body.instruction, input=body.input, max_tokens=body.max_tokens,
+        input_tokens=input_tokens, sampling=body.sampling(),
+        true_output_tokens=body.true_output_tokens, queued_at=time.time(), stream=stream,
+    )
+
+
+def enqueue(ingress: IngressState, req: QueuedRequest) -> None:
+    r = ingress.redis
+    if state.open_requests(r) >= ingress.settings.max_pending_requests:
+        raise ApiError(429, "body", "too many requests in the system; retry later",
+                       headers={"Retry-After": str(ingress.settings.retry_after_s)})
+    pipe = r.pipeline(transaction=True)
+    state.record_queued(pipe, req)
+    streams.publish(pipe, streams.INCOMING, req)
+    pipe.hincrby(keys.METRICS, "requests_accepted", 1)
+    pipe.execute()
+
+
+def read_view(ingress: IngressState, request_id: str) -> state.RequestView | None:
+    h = ingress.redis.hgetall(keys.request(request_id))
+    return state.view_from_hash(request_id, h) if h else None
+
+
+def cancel_request(ingress: IngressState, request_id: str, reason: str) -> None:
+    pipe = ingress.redis.pipeline(transaction=True)
+    state.record_cancelled(pipe, request_id, time.time(), reason)
+    pipe.hincrby(keys.METRICS, "requests_cancelled", 1)
+    pipe.execute()
