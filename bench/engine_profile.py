@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         from offline.launcher import Stack, free_port
 
         settings = LauncherSettings(run_dir=REPO_ROOT / "run" / "engine-profile",
-                                    ingress_port=free_port(), engine_base_port=free_port())
+                                    ingress_port=free_port(), engine_base_port=free_port(),
+                                    metrics_base_port=0)
         stack = Stack(settings)
         proc = stack.start_engine(0)
         url = stack.engine_url(0)

@@ -300,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run_dir)
     settings = LauncherSettings(redis_url=None, model_dir=build_tiny(), gpus=1,
                                 ingress_port=free_port(), engine_base_port=free_port(),
+                                metrics_base_port=0,
                                 run_dir=run_dir)
     stack = Stack(settings, service_env={"MAGNUS_POLICY": "fcfs-fixed"})
     results: list[FaultResult] = []

@@ -484,7 +484,7 @@ def run_plan(plan: Plan, pool: Sequence[Req], capacity: float | None, args: argp
              alone: AloneTime, cut_blocks: int | None) -> tuple[list[Point], float | None]:
     settings = LauncherSettings(
         engine_mode=plan.mode,
-        ingress_port=free_port(), engine_base_port=free_port(),
+        ingress_port=free_port(), engine_base_port=free_port(), metrics_base_port=0,
         run_dir=REPO_ROOT / "run" / f"load-{plan.mode}-{plan.kv}",
         engine_scheduling_policy="priority" if plan.engine_priority else "fcfs",
         engine_num_gpu_blocks=cut_blocks if plan.kv == "cut" else None,
@@ -629,7 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     for plan in default_plans(args):
         if plan.kv == "cut" and cut_blocks is None:
             block = args.block_size or engine_block_size(LauncherSettings(
-                ingress_port=free_port(), engine_base_port=free_port(), redis_persist=False))
+                ingress_port=free_port(), engine_base_port=free_port(),
+                metrics_base_port=0, redis_persist=False))
             cut_blocks = max(1, math.ceil(pressure.cut_kv_tokens / block))
             print(f"cut KV cache: {cut_blocks} blocks of {block} tokens", flush=True)
         got, capacity = run_plan(plan, pool, capacity, args, alone, cut_blocks)

@@ -123,6 +123,7 @@ def run_mode(mode: str, policies: list[str], rates: list[float], reqs: list[dict
     run_dir = REPO_ROOT / "run" / f"bench-{mode}"
     settings = LauncherSettings(engine_mode=mode,
                                 ingress_port=free_port(), engine_base_port=free_port(),
+                                metrics_base_port=0,
                                 run_dir=run_dir, redis_persist=False)  # each run starts clean
     rows: list[Run] = []
     with Stack(settings) as stack:

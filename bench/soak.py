@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     # Persisted Redis, as `make run` runs it: a killed Redis must come back with what it held.
     settings = LauncherSettings(redis_url=None, model_dir=build_tiny(), gpus=1,
                                 ingress_port=free_port(), engine_base_port=free_port(),
+                                metrics_base_port=0,
                                 run_dir=run_dir, redis_persist=True)
     stack = Stack(settings)
     # Separate streams: the same seed kills the same processes whatever the arrivals do.

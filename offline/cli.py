@@ -4,6 +4,7 @@
     magnus model smollm2|tiny  prepare a model folder (offline)
     magnus workload build      rebuild data/workload from ../shared/data
     magnus bench [...]         the benchmarks: `python -m bench` (run from the repository)
+    magnus new-key             a new API key and the hash a tenants file keeps of it
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ def run(argv: list[str]) -> int:
               "application/json' -d '{\"app_id\":\"qa\",\"instruction\":\"Answer in one "
               "sentence.\",\"input\":\"What is the capital of France?\",\"max_tokens\":32}'",
               flush=True)
+        if settings.tenants_file is None:
+            print("  no API keys (MAGNUS_TENANTS_FILE unset): ingress listens on loopback only, "
+                  "and any local user may use every app and read every request", flush=True)
+        else:
+            print(f"  API keys required (tenants in {settings.tenants_file})", flush=True)
         while not stop.wait(1.0):
             if stack.gave_up:
                 print(f"magnus: stopping: {stack.gave_up}", file=sys.stderr)
@@ -71,13 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    commands = {"run", "model", "workload", "bench"}
+    commands = {"run", "model", "workload", "bench", "new-key"}
     if not argv or argv[0] not in commands:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "run":
         return run(rest)
+    if cmd == "new-key":
+        from shared.tenants import hash_key, new_key
+
+        key = new_key()
+        print(f"key (give it to the tenant; it is not stored): {key}")
+        print(f'key_sha256 (put it in the tenants file):   "{hash_key(key)}"')
+        return 0
     if cmd == "bench":
         # bench/ sits above offline/ (it imports offline, never the reverse), so it runs as its own
         # command: `python -m bench`, from the repository root.

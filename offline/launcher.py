@@ -110,6 +110,8 @@ class Stack:
     # Supervision: restarts made per service, and why the supervisor gave up (None: it has not).
     restarts: dict[str, int] = field(default_factory=dict)
     gave_up: str | None = None
+    # Service name -> the port it serves Prometheus metrics on (ingress: its API port).
+    metrics_ports: dict[str, int] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
     _deaths: dict[str, list[float]] = field(default_factory=dict)
     _restart_at: dict[str, float] = field(default_factory=dict)
@@ -152,6 +154,7 @@ class Stack:
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
+            **({"MAGNUS_TENANTS_FILE": str(s.tenants_file)} if s.tenants_file else {}),
             **self.service_env,
         }
 
@@ -169,6 +172,14 @@ class Stack:
         self._spawn("redis", [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
                               "--save", "", *durability, "--dir", str(data_dir)], {})
         self.redis_url = f"redis://127.0.0.1:{port}/0"
+
+    def _metrics_env(self, name: str, offset: int) -> dict[str, str]:
+        base = self.settings.metrics_base_port
+        if base is None:
+            return {}
+        port = self.metrics_ports.get(name) or (base + offset if base else free_port())
+        self.metrics_ports[name] = port
+        return {"MAGNUS_METRICS_PORT": str(port)}
 
     def start_engine(self, gpu: int) -> Child:
         s = self.settings
@@ -188,7 +199,8 @@ class Stack:
                "-Q", keys.celery_queue(gpu), *pool, "-n", f"gpu{gpu}@%h",
                "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
         env = {**self._common_env(), "MAGNUS_GPU": str(gpu),
-               "MAGNUS_ENGINE_URL": self.engine_url(gpu)}
+               "MAGNUS_ENGINE_URL": self.engine_url(gpu),
+               **self._metrics_env(f"worker{gpu}", 10 + gpu)}
         return self._spawn(f"worker{gpu}", cmd, env)
 
     def start(self) -> None:
@@ -206,12 +218,15 @@ class Stack:
         for g in range(s.gpus):
             self.start_worker(g)
         env = self._common_env()
-        self._spawn("predictor", [sys.executable, "-m", "services.predictor.main"], env)
+        self._spawn("predictor", [sys.executable, "-m", "services.predictor.main"],
+                    {**env, **self._metrics_env("predictor", 0)})
         for i in range(1 + s.standby_schedulers):  # one leads, the others stand by
-            self._spawn(f"scheduler{i}", [sys.executable, "-m", "services.scheduler.main"], env)
+            self._spawn(f"scheduler{i}", [sys.executable, "-m", "services.scheduler.main"],
+                        {**env, **self._metrics_env(f"scheduler{i}", 1 + i)})
         self._spawn("ingress", [sys.executable, "-m", "services.ingress.app"],
                     {**env, "MAGNUS_HOST": "127.0.0.1", "MAGNUS_PORT": str(s.ingress_port)})
         self.ingress_url = f"http://127.0.0.1:{s.ingress_port}"
+        self.metrics_ports["ingress"] = s.ingress_port
         for g, engine in enumerate(engines):
             get_engine(s.engine).wait_ready(self.engine_url(g), s.engine_ready_timeout_s,
                                             alive=engine.alive)

@@ -29,6 +29,19 @@ METRICS = f"{PREFIX}:metrics"
 # Every accepted request not yet final (id -> queued time): what backpressure counts, whichever
 # stage a request is in (an incoming stream nobody reads still fills it).
 OPEN_REQUESTS = f"{PREFIX}:requests:open"
+# Per tenant, the same (its open-request limit counts these); kept by the same scripts.
+TENANT_OPEN_PREFIX = f"{PREFIX}:tenant-open:"
+
+
+def tenant_open(tenant: str) -> str:
+    return TENANT_OPEN_PREFIX + tenant
+
+
+def tenant_tokens(tenant: str, minute: int) -> str:
+    """Prompt + max tokens a tenant had accepted in one minute (unix time // 60)."""
+    return f"{PREFIX}:tenant-tokens:{tenant}:{minute}"
+
+
 # Observed batch records, the serving-time estimator's memory across scheduler restarts.
 BATCH_RECORDS = f"{PREFIX}:scheduler:batch-records"
 BATCH_RECORDS_MAXLEN = 2000

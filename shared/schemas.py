@@ -112,6 +112,8 @@ class QueuedRequest(Message):
     max_tokens: int
     input_tokens: int
     sampling: SamplingParams = SamplingParams()
+    # Whose request it is (shared/tenants.py): only that tenant's key reads it.
+    tenant: str = "default"
     # The request's profiled length, when a benchmark replays a profiled workload: only the
     # magnus-oracle policy may read it.
     true_output_tokens: int | None = None

@@ -46,6 +46,9 @@ class MagnusSettings(BaseSettings):
     # if its claim succeeds: the copy of a batch that runs or ran is skipped. Celery's default is
     # an hour.
     broker_visibility_timeout_s: float = Field(default=60.0, gt=0)
+    # Where this process serves its Prometheus metrics (shared/metrics.py); None: it does not.
+    # Ingress serves them on its API port at /metrics instead.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
 
 class IngressSettings(MagnusSettings):
@@ -60,6 +63,13 @@ class IngressSettings(MagnusSettings):
     # POST /v1/chat/completions waits at most this long for the answer (then 504; the request
     # stays pollable by its id).
     chat_timeout_s: float = Field(default=600.0, gt=0)
+    # prometheus-client's multiprocess directory, when ingress runs several processes: /metrics
+    # then aggregates them. Read under the name prometheus-client itself reads.
+    prometheus_multiproc_dir: str | None = Field(
+        default=None, validation_alias=AliasChoices("PROMETHEUS_MULTIPROC_DIR"))
+    # Tenants and their hashed API keys (shared/tenants.py). None: no keys, one open tenant,
+    # allowed only while ingress binds a loopback address.
+    tenants_file: Path | None = None
 
 
 class PredictorSettings(MagnusSettings):
@@ -170,6 +180,13 @@ class LauncherSettings(MagnusSettings):
     # Schedulers beside the leader, waiting for its lock (SchedulerSettings.leader_ttl_s) to
     # expire: a killed leader is replaced within the TTL, not after a restart.
     standby_schedulers: int = Field(default=1, ge=0)
+    # Passed on to ingress (IngressSettings.tenants_file); read here to say at start-up whether
+    # API keys are required.
+    tenants_file: Path | None = None
+    # Prometheus ports of the predictor (this one), the schedulers (+1, +2, ...) and the workers
+    # (+10 + GPU); ingress serves /metrics on its own port. 0: free ports chosen at start (the
+    # tests); None: no exporters.
+    metrics_base_port: int | None = Field(default=9100, ge=0, le=65000)
     run_dir: Path = REPO_ROOT / "run"
     # The embedded Redis keeps an append-only file under run_dir/redis (fsync every second: at
     # most the last second of writes is lost if the machine dies) and reloads it on the next

@@ -45,18 +45,27 @@ def record_queued(r: HashWriter, req: QueuedRequest) -> None:
             # Kept with the state so online training can read what each length answered.
             "instruction": req.instruction,
             "input": req.input,
+            "tenant": req.tenant,
         },
     )
     r.expire(keys.request(req.request_id), keys.REQUEST_TTL_S)
     r.zadd(keys.OPEN_REQUESTS, {req.request_id: req.queued_at})
+    r.zadd(keys.tenant_open(req.tenant), {req.request_id: req.queued_at})
 
 
 # A final status is never overwritten: the first of a result, a failure and a cancellation wins,
-# and a late stage (a prediction, a batch start, a second result) cannot revive a request.
+# and a late stage (a prediction, a batch start, a second result) cannot revive a request. A
+# request that becomes final leaves the open set and its tenant's (named by its hash's `tenant`
+# field; ARGV[2] is keys.tenant_open's prefix) in the same script.
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if current == 'completed' or current == 'failed' or current == 'cancelled' then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+if ARGV[3] == '1' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  local tenant = redis.call('HGET', KEYS[1], 'tenant')
+  if tenant then redis.call('ZREM', ARGV[2] .. tenant, ARGV[1]) end
+end
 return 1
 """
 assert {s.value for s in FINAL_STATUSES} == {"completed", "failed", "cancelled"}
@@ -69,7 +78,9 @@ def record_transition(
     mapping: dict[str, str | int | float] = {"status": status.value, f"{status.value}_at": repr(at)}
     mapping.update(fields)
     flat = [str(v) for kv in mapping.items() for v in kv]
-    r.eval(_TRANSITION, 1, keys.request(request_id), *flat)
+    final = "1" if status in FINAL_STATUSES else "0"
+    r.eval(_TRANSITION, 2, keys.request(request_id), keys.OPEN_REQUESTS, request_id,
+           keys.TENANT_OPEN_PREFIX, final, *flat)
 
 
 def record_predicted(r: HashWriter, p: Prediction) -> None:
@@ -102,7 +113,6 @@ def record_result(r: HashWriter, res: RequestResult) -> None:
     # `finished_at` is the stage timestamp of the final status, named the same for both outcomes.
     fields["finished_at"] = repr(res.finished_at)
     record_transition(r, res.request_id, status, res.finished_at, **fields)
-    r.zrem(keys.OPEN_REQUESTS, res.request_id)
 
 
 def record_failed(r: HashWriter, request_id: str, at: float, reason: str) -> None:
@@ -110,7 +120,6 @@ def record_failed(r: HashWriter, request_id: str, at: float, reason: str) -> Non
     batch could not be read): final, with the reason the poll API shows."""
     record_transition(r, request_id, RequestStatus.FAILED, at, finish_reason="error",
                       error=reason[:500], finished_at=repr(at))
-    r.zrem(keys.OPEN_REQUESTS, request_id)
 
 
 def record_cancelled(r: HashWriter, request_id: str, at: float, reason: str) -> None:
@@ -118,12 +127,12 @@ def record_cancelled(r: HashWriter, request_id: str, at: float, reason: str) -> 
     final already. A worker running it aborts its generation (services/worker/runner.py)."""
     record_transition(r, request_id, RequestStatus.CANCELLED, at, error=reason[:500],
                       finished_at=repr(at))
-    r.zrem(keys.OPEN_REQUESTS, request_id)
 
 
-def open_requests(r: redis.Redis) -> int:
-    """Accepted and not yet final, in every stage: what backpressure limits."""
-    return int(r.zcard(keys.OPEN_REQUESTS))
+def open_requests(r: redis.Redis, tenant: str | None = None) -> int:
+    """Accepted and not yet final, in every stage (of one tenant, or all): what backpressure
+    limits."""
+    return int(r.zcard(keys.OPEN_REQUESTS if tenant is None else keys.tenant_open(tenant)))
 
 
 def statuses(r: redis.Redis, request_ids: Sequence[str]) -> dict[str, RequestStatus | None]:
@@ -196,6 +205,7 @@ class RequestView(BaseModel):
     status: RequestStatus
     app_id: str
     user_id: str
+    tenant: str = "default"
     max_tokens: int
     input_tokens: int
     predicted_tokens: int | None = None
@@ -225,7 +235,7 @@ def view_from_hash(request_id: str, h: dict[str, str]) -> RequestView:
     optional_int = {k: int(h[k]) for k in ("predicted_tokens", "upper_tokens", "gpu",
                                            "generated_tokens", "continuations") if k in h}
     optional_str = {k: h[k] for k in ("predictor_source", "model_version", "batch_id", "text",
-                                      "finish_reason", "error") if k in h}
+                                      "finish_reason", "error", "tenant") if k in h}
     return RequestView(
         request_id=request_id,
         status=RequestStatus(h["status"]),

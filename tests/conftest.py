@@ -79,6 +79,7 @@ def stack_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackFac
         launcher_settings = LauncherSettings(
             redis_url=None, model_dir=model_dir, gpus=gpus, ingress_port=ingress_port,
             engine_base_port=engine_port, run_dir=tmp_path_factory.mktemp("stack"),
+            metrics_base_port=0,
             **settings,  # type: ignore[arg-type]
         )
         stack = Stack(launcher_settings, service_env=dict(service_env or {}))

@@ -7,11 +7,14 @@
     POST   /v1/completions         the same for text completions
     GET    /v1/models              the served model
     GET    /v1/metrics             counters (predictor source, continuations, batches), depths
+    GET    /metrics                Prometheus exposition (shared/metrics.py)
     GET    /healthz                liveness of ingress and its Redis
 """
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,51 +24,64 @@ import redis.asyncio
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from services.engine import get_engine
 from services.ingress import openai_api
 from services.ingress.core import (
     ApiError,
+    Caller,
     Ingress,
     IngressState,
     cancel_request,
     clean_errors,
     enqueue,
     error_body,
+    may_read,
     read_view,
     validate_and_build,
 )
 from services.ingress.tokens import PromptCounter
-from shared import keys, state
+from shared import keys, metrics, state
 from shared.redis_conn import connect
 from shared.schemas import RequestStatus, SubmitRequest, SubmitResponse
 from shared.settings import IngressSettings
+from shared.tenants import load_tenants
 
+log = logging.getLogger("magnus.ingress")
 router = APIRouter()
 
 
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 @router.post("/v1/requests", status_code=202, response_model=SubmitResponse)
-def submit(body: SubmitRequest, ingress: Ingress) -> SubmitResponse:
-    req = validate_and_build(ingress, body)
-    enqueue(ingress, req)
+def submit(body: SubmitRequest, ingress: Ingress, caller: Caller) -> SubmitResponse:
+    req = validate_and_build(ingress, body, caller)
+    enqueue(ingress, req, caller)
     return SubmitResponse(request_id=req.request_id, status=RequestStatus.QUEUED)
 
 
 @router.get("/v1/requests/{request_id}", response_model=state.RequestView)
-def poll(request_id: str, ingress: Ingress) -> state.RequestView | JSONResponse:
+def poll(request_id: str, ingress: Ingress, caller: Caller
+         ) -> state.RequestView | JSONResponse:
     view = read_view(ingress, request_id)
-    if view is None:
+    if view is None or not may_read(caller, view):
         return JSONResponse(status_code=404, content={"message": f"no request {request_id}"})
     return view
 
 
 @router.delete("/v1/requests/{request_id}", response_model=state.RequestView)
-def cancel(request_id: str, ingress: Ingress) -> state.RequestView | JSONResponse:
+def cancel(request_id: str, ingress: Ingress, caller: Caller
+           ) -> state.RequestView | JSONResponse:
     """Cancel a request not yet final: it leaves the queue, or its generation is aborted. 404
-    for an unknown id, 409 for one already final (its result stands)."""
+    for an unknown id (or another tenant's), 409 for one already final (its result stands)."""
     view = read_view(ingress, request_id)
-    if view is None:
+    if view is None or not may_read(caller, view):
         return JSONResponse(status_code=404, content={"message": f"no request {request_id}"})
     if not view.is_final:
         cancel_request(ingress, request_id, "cancelled by the client")
@@ -79,7 +95,7 @@ def cancel(request_id: str, ingress: Ingress) -> state.RequestView | JSONRespons
 
 
 @router.get("/v1/metrics")
-def metrics(ingress: Ingress) -> dict[str, Any]:
+def counters(ingress: Ingress) -> dict[str, Any]:
     """Counters by stage and reason (predictor source, continuations, batches) and depths."""
     r = ingress.redis
     raw = r.hgetall(keys.METRICS)
@@ -91,6 +107,13 @@ def metrics(ingress: Ingress) -> dict[str, Any]:
             "waiting": r.zcard(keys.SCHEDULER_WAITING),
             "open_requests": state.open_requests(r),
             "incoming_stream": r.xlen(keys.STREAM_INCOMING)}
+
+
+@router.get("/metrics", response_class=Response)
+def prometheus_metrics(ingress: Ingress) -> Response:
+    """Prometheus exposition of ingress's metrics (shared/metrics.py)."""
+    body, content_type = metrics.render(ingress.settings.prometheus_multiproc_dir)
+    return Response(content=body, media_type=content_type)
 
 
 @router.get("/healthz")
@@ -110,6 +133,7 @@ def _is_openai(request: Request) -> bool:
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    metrics.REQUESTS_REFUSED.labels(status_code="422").inc()
     body = error_body(clean_errors(exc.errors()))
     if _is_openai(request):
         first = body["detail"][0]
@@ -119,6 +143,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    metrics.REQUESTS_REFUSED.labels(status_code=str(exc.status_code)).inc()
     if _is_openai(request):
         return openai_api.openai_error(exc.status_code, f"{exc.field}: {exc.message}",
                                        param=exc.field, headers=exc.headers)
@@ -130,6 +155,7 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
     # Redis unreachable (restarting, a network blip): nothing was accepted, so the client may
     # retry. The message leaks no address.
+    metrics.REQUESTS_REFUSED.labels(status_code="503").inc()
     retry = str(request.app.state.ingress.settings.retry_after_s)
     message = "the queue store is unavailable; nothing was accepted, retry shortly"
     if _is_openai(request):
@@ -160,15 +186,23 @@ def create_app(
     """The app; Redis and the tokenizer are opened when it starts (its lifespan), not here."""
     settings = settings or IngressSettings()
 
+    tenants = load_tenants(settings.tenants_file)  # a bad file stops start-up, with the reason
+    if not tenants.keyed and not is_loopback(settings.host):
+        raise ValueError(f"ingress binds {settings.host}, not a loopback address, and has no "
+                         "tenants file: set MAGNUS_TENANTS_FILE (keys are required off loopback)")
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not tenants.keyed:
+            log.warning("no API keys (MAGNUS_TENANTS_FILE unset): anyone who reaches %s:%d may "
+                        "use every app and read every request", settings.host, settings.port)
         r = (redis_factory(settings) if redis_factory
              else connect(settings.redis_url, settings.redis_connect_timeout_s))
         aredis = redis.asyncio.Redis.from_url(
             settings.redis_url, decode_responses=True,
             socket_connect_timeout=settings.redis_connect_timeout_s)
         app.state.ingress = IngressState(
-            settings=settings, redis=r, aredis=aredis,
+            settings=settings, redis=r, aredis=aredis, tenants=tenants,
             counter=PromptCounter(settings.model_dir, get_engine(settings.engine)))
         try:
             yield

@@ -14,9 +14,10 @@ import redis.asyncio
 from fastapi import Depends, Request
 
 from services.ingress.tokens import PromptCounter
-from shared import keys, state, streams
-from shared.schemas import QueuedRequest, SubmitRequest
+from shared import keys, metrics, state, streams
+from shared.schemas import QueuedRequest, RequestStatus, SubmitRequest
 from shared.settings import IngressSettings
+from shared.tenants import OPEN_TENANT, Tenant, TenantDirectory
 
 
 class ApiError(Exception):
@@ -69,6 +70,7 @@ class IngressState:
     settings: IngressSettings
     redis: redis.Redis
     counter: PromptCounter
+    tenants: TenantDirectory
     # For the long waits of streamed answers (blocking stream reads), which would otherwise each
     # hold one of the few threads `asyncio.to_thread` has.
     aredis: redis.asyncio.Redis
@@ -81,6 +83,28 @@ async def get_ingress(request: Request) -> IngressState:
 
 
 Ingress = Annotated[IngressState, Depends(get_ingress)]
+
+
+async def get_caller(request: Request) -> Tenant:
+    """The tenant whose API key the request bears (`Authorization: Bearer <key>`); without a
+    tenants file, the open tenant. 401 for a missing or unknown key."""
+    ingress: IngressState = request.app.state.ingress
+    if not ingress.tenants.keyed:
+        return OPEN_TENANT
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    tenant = ingress.tenants.by_key(key.strip()) if scheme.lower() == "bearer" else None
+    if tenant is None:
+        raise ApiError(401, "authorization", "a valid API key is required "
+                       "(Authorization: Bearer <key>)", headers={"WWW-Authenticate": "Bearer"})
+    return tenant
+
+
+Caller = Annotated[Tenant, Depends(get_caller)]
+
+
+def may_read(caller: Tenant, view: state.RequestView) -> bool:
+    """A request is its tenant's (and an admin's): to anyone else it does not exist (404)."""
+    return caller.admin or view.tenant == caller.name
 _ID = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
 
 
@@ -88,10 +112,20 @@ def valid_id(value: str) -> bool:
     return _ID.fullmatch(value) is not None
 
 
-def validate_and_build(ingress: IngressState, body: SubmitRequest,
+def validate_and_build(ingress: IngressState, body: SubmitRequest, caller: Tenant,
                        stream: bool = False) -> QueuedRequest:
     """The queued request, or the `ApiError` naming the field that does not fit."""
     settings = ingress.settings
+    if not caller.may_use(body.app_id):
+        raise ApiError(403, "app_id", f"app {body.app_id!r} is not one of tenant "
+                       f"{caller.name}'s apps")
+    if not caller.admin:
+        # Benchmark-only: forced lengths would let a client jump the queue (the oracle policy
+        # reads true lengths) or burn capacity.
+        for field, value in (("true_output_tokens", body.true_output_tokens),
+                             ("ignore_eos", body.ignore_eos or None)):
+            if value is not None:
+                raise ApiError(403, field, f"{field} needs an admin key")
     if body.max_tokens > settings.max_tokens_limit:
         raise ApiError(422, "max_tokens", f"max_tokens must be at most {settings.max_tokens_limit}")
     if len(body.input) > settings.max_input_chars:
@@ -109,19 +143,40 @@ def validate_and_build(ingress: IngressState, body: SubmitRequest,
         instruction=body.instruction, input=body.input, max_tokens=body.max_tokens,
         input_tokens=input_tokens, sampling=body.sampling(),
         true_output_tokens=body.true_output_tokens, queued_at=time.time(), stream=stream,
+        tenant=caller.name,
     )
 
 
-def enqueue(ingress: IngressState, req: QueuedRequest) -> None:
+def enqueue(ingress: IngressState, req: QueuedRequest, caller: Tenant) -> None:
+    """Queue `req`, or the 429 of the limit it would pass: the system's open requests, its
+    tenant's, or its tenant's tokens this minute."""
     r = ingress.redis
+    retry = {"Retry-After": str(ingress.settings.retry_after_s)}
     if state.open_requests(r) >= ingress.settings.max_pending_requests:
-        raise ApiError(429, "body", "too many requests in the system; retry later",
-                       headers={"Retry-After": str(ingress.settings.retry_after_s)})
+        raise ApiError(429, "body", "too many requests in the system; retry later", headers=retry)
+    if (caller.max_open_requests is not None
+            and state.open_requests(r, caller.name) >= caller.max_open_requests):
+        raise ApiError(429, "body", f"tenant {caller.name} has {caller.max_open_requests} "
+                       "requests open, its limit; retry later", headers=retry)
+    if caller.tokens_per_minute is not None:
+        now = time.time()
+        key = keys.tenant_tokens(caller.name, int(now // 60))
+        cost = req.input_tokens + req.max_tokens
+        pipe = r.pipeline(transaction=True)
+        pipe.incrby(key, cost)
+        pipe.expire(key, 120)
+        used = int(pipe.execute()[0])
+        if used > caller.tokens_per_minute:
+            r.decrby(key, cost)  # refused: it does not count
+            raise ApiError(429, "max_tokens", f"tenant {caller.name} would pass its "
+                           f"{caller.tokens_per_minute} tokens per minute (prompt + max_tokens)",
+                           headers={"Retry-After": str(max(1, 60 - int(now % 60)))})
     pipe = r.pipeline(transaction=True)
     state.record_queued(pipe, req)
     streams.publish(pipe, streams.INCOMING, req)
     pipe.hincrby(keys.METRICS, "requests_accepted", 1)
     pipe.execute()
+    metrics.REQUESTS_ACCEPTED.labels(tenant=req.tenant, app=req.app_id).inc()
 
 
 def read_view(ingress: IngressState, request_id: str) -> state.RequestView | None:
@@ -129,8 +184,15 @@ def read_view(ingress: IngressState, request_id: str) -> state.RequestView | Non
     return state.view_from_hash(request_id, h) if h else None
 
 
-def cancel_request(ingress: IngressState, request_id: str, reason: str) -> None:
+def cancel_request(ingress: IngressState, request_id: str, reason: str) -> bool:
+    """Cancel a request not yet final; True if this call cancelled it (a final status stands)."""
     pipe = ingress.redis.pipeline(transaction=True)
     state.record_cancelled(pipe, request_id, time.time(), reason)
     pipe.hincrby(keys.METRICS, "requests_cancelled", 1)
     pipe.execute()
+    view = read_view(ingress, request_id)
+    cancelled = (view is not None and view.status is RequestStatus.CANCELLED
+                 and view.error == reason)
+    if cancelled and view is not None:
+        metrics.finished(RequestStatus.CANCELLED, view.tenant, view.app_id)
+    return cancelled

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.ingress.core import (
     ApiError,
+    Caller,
     Ingress,
     IngressState,
     cancel_request,
@@ -45,6 +46,7 @@ from services.ingress.core import (
 )
 from shared import keys, state, streams
 from shared.schemas import QueuedRequest, RequestStatus, SubmitRequest
+from shared.tenants import Tenant
 
 router = APIRouter()
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
@@ -158,7 +160,7 @@ def completion_submit_body(body: CompletionRequest) -> SubmitRequest:
 
 
 @router.get("/v1/models")
-def models(ingress: Ingress) -> dict[str, Any]:
+def models(ingress: Ingress, caller: Caller) -> dict[str, Any]:
     """The served model. `model` in a request names the app instead (any id is accepted)."""
     return {"object": "list", "data": [{
         "id": ingress.settings.served_model_name, "object": "model", "created": 0,
@@ -166,23 +168,24 @@ def models(ingress: Ingress) -> dict[str, Any]:
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, request: Request,
-                           ingress: Ingress) -> dict[str, Any] | JSONResponse | StreamingResponse:
-    return await _serve(ingress, request, body, chat_submit_body(body), chat=True)
+async def chat_completions(body: ChatCompletionRequest, request: Request, ingress: Ingress,
+                           caller: Caller) -> dict[str, Any] | JSONResponse | StreamingResponse:
+    return await _serve(ingress, request, body, chat_submit_body(body), caller, chat=True)
 
 
 @router.post("/v1/completions", response_model=None)
-async def completions(body: CompletionRequest, request: Request,
-                      ingress: Ingress) -> dict[str, Any] | JSONResponse | StreamingResponse:
-    return await _serve(ingress, request, body, completion_submit_body(body), chat=False)
+async def completions(body: CompletionRequest, request: Request, ingress: Ingress,
+                      caller: Caller) -> dict[str, Any] | JSONResponse | StreamingResponse:
+    return await _serve(ingress, request, body, completion_submit_body(body), caller,
+                        chat=False)
 
 
 async def _serve(ingress: IngressState, request: Request, body: _OpenAIRequest,
-                 submit_body: SubmitRequest, chat: bool
+                 submit_body: SubmitRequest, caller: Tenant, chat: bool
                  ) -> dict[str, Any] | JSONResponse | StreamingResponse:
     # Tokenizing and Redis calls block: off the event loop.
-    req = await asyncio.to_thread(validate_and_build, ingress, submit_body, body.stream)
-    await asyncio.to_thread(enqueue, ingress, req)
+    req = await asyncio.to_thread(validate_and_build, ingress, submit_body, caller, body.stream)
+    await asyncio.to_thread(enqueue, ingress, req, caller)
     shape = _Shape(req.request_id, int(req.queued_at), body.model, chat)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage

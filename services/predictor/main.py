@@ -38,7 +38,7 @@ from services.predictor.model import (
 )
 from services.predictor.pipeline import Caches, retrain
 from services.predictor.rows import Example, PredictRow
-from shared import keys, state, streams
+from shared import keys, metrics, state, streams
 from shared.lifecycle import start_service
 from shared.redis_conn import REDIS_DOWN, RedisOutage, connect
 from shared.schemas import PredictedRequest, Prediction
@@ -176,6 +176,7 @@ class PredictorService:
         entries = self.incoming.read(self.settings.read_count, block_ms)
         if not entries:
             return 0
+        started = time.monotonic()
         predictor = self.predictor  # one model for the whole batch, even if a swap happens now
         reqs = [req for _, req in entries]
         # A continuation's prompt has grown by its output so far: the model wants the original.
@@ -199,6 +200,9 @@ class PredictorService:
             pipe.hincrby(keys.METRICS, f"predictions:{source_name}", n)
         self.incoming.ack(pipe, [entry_id for entry_id, _ in entries])
         pipe.execute()
+        for source_name, n in sources.items():
+            metrics.PREDICTIONS.labels(source=source_name).inc(n)
+        metrics.PREDICTION_DURATION.observe(time.monotonic() - started)
         return len(entries)
 
     # --- online learning ------------------------------------------------------------------
@@ -351,6 +355,7 @@ def main() -> int:
     stop = start_service()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = PredictorSettings()
+    metrics.serve(settings.metrics_port)
     r = connect(settings.redis_url, settings.redis_connect_timeout_s)
     PredictorService(r, settings, consumer=f"predictor-{os.getpid()}").run(stop)
     return 0

@@ -20,7 +20,7 @@ import redis
 
 from services.scheduler import capacity, planning, policy, recovery
 from services.scheduler.estimator import ServiceRecord, ServiceTimeEstimator
-from shared import keys, state, streams
+from shared import keys, metrics, state, streams
 from shared.lifecycle import start_service
 from shared.redis_conn import REDIS_DOWN, RedisOutage, connect
 from shared.schemas import (
@@ -123,6 +123,7 @@ class Scheduler:
         self.last_beat_seen: dict[int, float] = {}
         self.leading_since: float | None = None
         self.last_reclaim_check = float("-inf")
+        self.last_beats: dict[int, WorkerHeartbeat] = {}
 
     # --- leadership -------------------------------------------------------------------------
     def hold_leadership(self) -> bool:
@@ -228,7 +229,9 @@ class Scheduler:
 
     def live_gpus(self) -> dict[int, WorkerHeartbeat]:
         raw = self.r.mget([keys.worker_heartbeat(g) for g in range(self.settings.gpus)])
-        return {g: WorkerHeartbeat.model_validate_json(b) for g, b in enumerate(raw) if b}
+        self.last_beats = {g: WorkerHeartbeat.model_validate_json(b)
+                           for g, b in enumerate(raw) if b}
+        return self.last_beats
 
     # --- decisions --------------------------------------------------------------------------
     def decide(self, now: float) -> list[Batch]:
@@ -322,6 +325,7 @@ class Scheduler:
                 del batches[batch_id]
                 for item in batch.items:
                     self.inflight_kv.get(gpu, {}).pop(item.request_id, None)
+                    metrics.finished(RequestStatus.FAILED, item.request.tenant, item.request.app_id)
 
     # --- recovery -----------------------------------------------------------------------------
     def reclaim_orphans(self, now: float) -> int:
@@ -374,7 +378,7 @@ class Scheduler:
                 pipe.multi()
                 pipe.hdel(keys.gpu_inflight(gpu), batch.batch_id)
                 pipe.hdel(running_key, batch.batch_id)
-                rerun, failed = 0, 0
+                rerun, failed_apps = 0, list[tuple[str, str]]()
                 for item in batch.items:
                     # Scheduled or running in this batch: anything else was finished or
                     # requeued as a continuation by the worker before it died.
@@ -386,7 +390,7 @@ class Scheduler:
                         state.record_failed(pipe, req.request_id, now,
                                             f"its worker died while running it {req.reruns + 1} "
                                             f"times (max_reruns={self.settings.max_reruns})")
-                        failed += 1
+                        failed_apps.append((req.tenant, req.app_id))
                         continue
                     state.record_rerun(pipe, req.request_id, now, req.reruns + 1,
                                        f"worker {runner} died mid-batch")
@@ -397,6 +401,10 @@ class Scheduler:
                 pipe.execute()
             except redis.WatchError:
                 return False
+        metrics.REQUEST_RERUNS.labels(cause="worker").inc(rerun)
+        for tenant, app in failed_apps:
+            metrics.finished(RequestStatus.FAILED, tenant, app)
+        failed = len(failed_apps)
         del self.inflight[gpu][batch.batch_id]
         for item in batch.items:
             self.inflight_kv.get(gpu, {}).pop(item.request_id, None)
@@ -412,6 +420,24 @@ class Scheduler:
         self.fail_stuck_batches(now)
         for batch in self.decide(now):
             self.dispatch(batch, now)
+        self.export_gauges()
+
+    def export_gauges(self) -> None:
+        """Prometheus gauges of what this leader holds (a standby reports nothing held)."""
+        metrics.WAITING_REQUESTS.set(len(self.pool))
+        for gpu in range(self.settings.gpus):
+            held = self.inflight_kv.get(gpu, {})
+            metrics.INFLIGHT_REQUESTS.labels(str(gpu)).set(
+                sum(len(b.items) for b in self.inflight.get(gpu, {}).values()))
+            metrics.KV_RESERVED_TOKENS.labels(str(gpu)).set(sum(held.values()))
+        for gpu, beat in self.last_beats.items():
+            metrics.KV_BUDGET_TOKENS.labels(str(gpu)).set(beat.kv_budget_tokens)
+
+    def export_standby_gauges(self) -> None:
+        metrics.WAITING_REQUESTS.set(0)
+        for gpu in range(self.settings.gpus):
+            metrics.INFLIGHT_REQUESTS.labels(str(gpu)).set(0)
+            metrics.KV_RESERVED_TOKENS.labels(str(gpu)).set(0)
 
     def run(self, stop: threading.Event) -> None:
         last_lock = 0.0
@@ -424,12 +450,14 @@ class Scheduler:
                 # The leader renews every third of the TTL; a standby tries at every pass.
                 if not leading or down or now - last_lock > self.settings.leader_ttl_s / 3:
                     leading, last_lock = self.hold_leadership(), now
+                    metrics.SCHEDULER_LEADING.set(1 if leading else 0)
                     if leading and down:
                         # Memory may be ahead of or behind Redis after an outage (a step cut
                         # short, the last second of writes lost): resync as a new leader does.
                         self.rebuild()
                     outage.recovered()
                 if not leading:
+                    self.export_standby_gauges()
                     # A standby: try for the lock often enough to take over soon after it
                     # expires (within a tenth of its TTL).
                     stop.wait(min(1.0, self.settings.leader_ttl_s / 10))
@@ -444,6 +472,7 @@ class Scheduler:
 def main() -> int:
     stop = start_service()
     settings = SchedulerSettings()
+    metrics.serve(settings.metrics_port)
     r = connect(settings.redis_url, settings.redis_connect_timeout_s)
     Scheduler(r, make_celery(settings.redis_url, settings.broker_visibility_timeout_s), settings,
               instance_id=instance_id_for(os.getpid())).run(stop)

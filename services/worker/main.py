@@ -31,7 +31,7 @@ from celery.signals import worker_init, worker_ready, worker_shutdown
 from services.engine import get_engine
 from services.engine.base import Engine, KVCacheInfo
 from services.worker.runner import WorkerIdentity, run_batch_sync
-from shared import keys
+from shared import keys, metrics
 from shared.redis_conn import connect
 from shared.schemas import BatchRecord, WorkerHeartbeat
 from shared.settings import MagnusSettings, WorkerSettings
@@ -171,6 +171,7 @@ def _init_worker(**_: Any) -> None:
     global _context
     logging.getLogger("httpx").setLevel(logging.WARNING)
     _context = WorkerContext.create()
+    metrics.serve(_context.settings.metrics_port)
     # worker_init fires before the consumer starts: nothing is taken from the queue until the
     # engine answers, and this process beats before it claims anything, so the scheduler knows
     # it replaced whoever beat before (a dead predecessor's batches are rerun at once).

@@ -22,7 +22,7 @@ import httpx
 import redis
 
 from services.engine.base import ChatRequest, Engine, EngineError, StreamChunk
-from shared import keys, state, streams
+from shared import keys, metrics, state, streams
 from shared.redis_conn import REDIS_DOWN, call_retrying, execute_retrying
 from shared.schemas import (
     Batch,
@@ -129,11 +129,12 @@ def _already_final(r: redis.Redis, request_id: str) -> bool:
 
 
 def post_event(r: redis.Redis, event: CompletedEvent,
-               continuation: QueuedRequest | None = None) -> None:
+               continuation: QueuedRequest | None = None) -> bool:
     """Write a result's state change and its completed-stream entry in one transaction; a
-    continuation goes back on the incoming stream in the same transaction, so it cannot be lost."""
+    continuation goes back on the incoming stream in the same transaction, so it cannot be lost.
+    False when the request was already final (the result is dropped)."""
     if event.result is not None and _already_final(r, event.result.request_id):
-        return
+        return False
 
     def build(pipe: redis.client.Pipeline) -> None:
         if event.result is not None and continuation is not None:
@@ -145,6 +146,30 @@ def post_event(r: redis.Redis, event: CompletedEvent,
         streams.publish(pipe, streams.COMPLETED, event)
 
     execute_retrying(r, build)
+    return True
+
+
+def observe_final(item: BatchItem, result: RequestResult) -> None:
+    """Prometheus: a request's final run (its whole life, from acceptance)."""
+    req = item.request
+    gpu = str(result.gpu)
+    if result.finish_reason == "error":
+        metrics.finished(RequestStatus.FAILED, req.tenant, req.app_id)
+        return
+    metrics.finished(RequestStatus.COMPLETED, req.tenant, req.app_id)
+    metrics.QUEUE_WAIT.labels(gpu).observe(max(0.0, result.started_at - req.queued_at))
+    metrics.REQUEST_LATENCY.labels(gpu).observe(max(0.0, result.finished_at - req.queued_at))
+    if result.first_token_at is not None:
+        if req.generated_so_far == 0:  # a continuation's first token came in an earlier run
+            metrics.TIME_TO_FIRST_TOKEN.labels(gpu).observe(
+                max(0.0, result.first_token_at - req.queued_at))
+        run_tokens = result.generated_tokens - req.generated_so_far
+        if run_tokens > 1:
+            metrics.TIME_PER_OUTPUT_TOKEN.labels(gpu).observe(
+                max(0.0, result.finished_at - result.first_token_at) / (run_tokens - 1))
+    if req.continuations == 0:  # one prediction, one run: their difference is the error
+        metrics.PREDICTION_ERROR.labels(req.app_id).observe(
+            item.predicted_tokens - result.generated_tokens)
 
 
 def continuation_of(req: QueuedRequest, result: RequestResult) -> QueuedRequest | None:
@@ -256,12 +281,16 @@ async def run_batch(
             if result.finish_reason == "error" and item.request.reruns < max_reruns:
                 # The engine failed (restarting, say): run it again, a bounded number of times.
                 await asyncio.to_thread(post_rerun, r, result, item.request)
+                metrics.REQUEST_RERUNS.labels(cause="engine").inc()
                 return result
             continuation = continuation_of(item.request, result)
             kind = "requeued" if continuation is not None else "request"
             # Redis calls are quick; run them in a thread so other streams keep flowing.
-            await asyncio.to_thread(post_event, r, CompletedEvent(kind=kind, result=result),
-                                    continuation)
+            posted = await asyncio.to_thread(post_event, r, CompletedEvent(kind=kind,
+                                                                           result=result),
+                                             continuation)
+            if posted and continuation is None:
+                observe_final(item, result)
             return result
 
         if publisher is not None:
@@ -301,6 +330,8 @@ async def run_batch(
         finished_at=finished,
     )
     post_event(r, CompletedEvent(kind="batch", batch=record))
+    metrics.BATCH_SIZE.labels(str(batch.gpu)).observe(record.size)
+    metrics.BATCH_DURATION.labels(str(batch.gpu)).observe(record.measured_s)
     return record
 
 

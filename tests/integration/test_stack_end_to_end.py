@@ -196,3 +196,53 @@ def test_locust_headless_reports_end_to_end_latency(stack: Stack, tmp_path: Path
     assert 0 < float(done["50%"]) <= float(done["99%"])
     assert int(rows["first token"]["Request Count"]) >= 4
     assert int(rows["submit"]["Failure Count"]) == 0
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Sample name with labels -> value, from a Prometheus exposition endpoint."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url, timeout=10).text
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}"] = sample.value
+    return out
+
+
+def total(samples: dict[str, float], name: str) -> float:
+    return sum(v for k, v in samples.items() if k.split("{")[0] == name)
+
+
+def test_prometheus_metrics_count_the_requests_served(stack: Stack) -> None:
+    """After the requests above: each process's /metrics shows them (histograms included), one
+    scheduler leads, the engine serves the vLLM metrics the dashboard reads, and the JSON
+    counters endpoint answers beside a predictor that has a model version."""
+    from shared.metrics import VLLM_METRICS_READ
+
+    ports = stack.metrics_ports
+    ingress = scrape(f"{stack.ingress_url}/metrics")
+    worker = scrape(f"http://127.0.0.1:{ports['worker0']}/metrics")
+    predictor = scrape(f"http://127.0.0.1:{ports['predictor']}/metrics")
+    schedulers = [scrape(f"http://127.0.0.1:{ports[name]}/metrics")
+                  for name in ("scheduler0", "scheduler1")]
+    accepted = total(ingress, "magnus_requests_accepted_total")
+    assert accepted >= 20
+    assert total(ingress, "magnus_requests_refused_total") >= 0
+    finished = total(worker, "magnus_requests_finished_total")
+    assert 20 <= finished <= accepted
+    for hist in ("magnus_request_latency_seconds", "magnus_time_to_first_token_seconds",
+                 "magnus_queue_wait_seconds", "magnus_time_per_output_token_seconds",
+                 "magnus_batch_size"):
+        assert total(worker, f"{hist}_count") > 0, hist
+    assert total(worker, "magnus_request_latency_seconds_sum") > 0
+    assert total(predictor, "magnus_predictions_total") >= accepted  # continuations add more
+    assert sorted(total(s, "magnus_scheduler_leading") for s in schedulers) == [0, 1]
+    leader = next(s for s in schedulers if total(s, "magnus_scheduler_leading") == 1)
+    assert total(leader, "magnus_kv_budget_tokens") > 0
+    engine = scrape(f"{stack.engine_url(0)}/metrics")
+    assert {k.split("{")[0] for k in engine} >= VLLM_METRICS_READ
+    counters = httpx.get(f"{stack.ingress_url}/v1/metrics", timeout=10)
+    assert counters.status_code == 200 and counters.json()["labels"].get(
+        "predictor:model_version")
