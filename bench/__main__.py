@@ -17,6 +17,8 @@
     python -m bench faults [ARGS]   fault injection on a supervised stack (bench/faults.py)
     python -m bench soak [ARGS]     10 minutes of load while a random process is killed every
                                     minute (bench/soak.py)
+    python -m bench fairness [ARGS] two tenants at 10:1 load, fair sharing on and off, against
+                                    the light one alone (bench/fairness.py; about 15 min)
     python -m bench profile-engine  measure the engine's step times for the cost model
     python -m bench report          rewrite docs/benchmarks.md's tables from results/
 """
@@ -40,7 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     if cmd in ("-h", "--help", "help"):
         print(__doc__)
         return 0
-    from bench import engine_profile, faults, load_sweep, real_stack, report, sim_run, soak
+    from bench import (
+        engine_profile,
+        fairness,
+        faults,
+        load_sweep,
+        real_stack,
+        report,
+        sim_run,
+        soak,
+    )
 
     if cmd == "real":
         return real_stack.main(rest)
@@ -54,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         return faults.main(rest)
     if cmd == "soak":
         return soak.main(rest)
+    if cmd == "fairness":
+        return fairness.main(rest)
     if cmd == "report":
         return report.main(rest)
     if cmd in ("all", "load"):

@@ -112,8 +112,10 @@ class QueuedRequest(Message):
     max_tokens: int
     input_tokens: int
     sampling: SamplingParams = SamplingParams()
-    # Whose request it is (shared/tenants.py): only that tenant's key reads it.
+    # Whose request it is (shared/tenants.py): only that tenant's key reads it; its weight is
+    # its share of the GPUs when tenants compete (services/scheduler/fairness.py).
     tenant: str = "default"
+    tenant_weight: float = Field(default=1.0, gt=0)
     # The request's profiled length, when a benchmark replays a profiled workload: only the
     # magnus-oracle policy may read it.
     true_output_tokens: int | None = None

@@ -144,6 +144,9 @@ class SchedulerSettings(MagnusSettings):
     reclaim_interval_s: float = Field(default=1.0, ge=0)
     # The leader lock expires this long after its last renewal, so a standby takes over.
     leader_ttl_s: float = Field(default=10.0, ge=0.5)
+    # Several tenants waiting: the next batch comes from the least-served one (virtual token
+    # counters, services/scheduler/fairness.py). False: one pool in the policy's order.
+    fair_share: bool = True
 
 
 class WorkerSettings(MagnusSettings):

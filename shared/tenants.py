@@ -10,7 +10,7 @@ A tenants file (`MAGNUS_TENANTS_FILE`, TOML) lists each tenant with the SHA-256 
     apps = ["qa", "translate"]      # "*": any app
     max_open_requests = 200         # accepted and not final, at once (429 beyond)
     tokens_per_minute = 200000      # prompt + max_tokens accepted per minute (429 beyond)
-    weight = 1.0                    # its share when tenants compete (not used yet)
+    weight = 1.0                    # its share of the GPUs when tenants compete
     admin = false                   # may send benchmark-only fields and read every request
 
 Without a file there is one implicit tenant, `default`, with no key, every app, no limits beyond

@@ -143,7 +143,7 @@ def validate_and_build(ingress: IngressState, body: SubmitRequest, caller: Tenan
         instruction=body.instruction, input=body.input, max_tokens=body.max_tokens,
         input_tokens=input_tokens, sampling=body.sampling(),
         true_output_tokens=body.true_output_tokens, queued_at=time.time(), stream=stream,
-        tenant=caller.name,
+        tenant=caller.name, tenant_weight=caller.weight,
     )
 
 

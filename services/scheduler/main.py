@@ -9,6 +9,7 @@ Celery queue. One scheduler leads at a time, holding a Redis lock with an expiry
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -18,7 +19,7 @@ from collections.abc import Callable
 
 import redis
 
-from services.scheduler import capacity, planning, policy, recovery
+from services.scheduler import capacity, fairness, planning, policy, recovery
 from services.scheduler.estimator import ServiceRecord, ServiceTimeEstimator
 from shared import keys, metrics, state, streams
 from shared.lifecycle import start_service
@@ -124,6 +125,9 @@ class Scheduler:
         self.leading_since: float | None = None
         self.last_reclaim_check = float("-inf")
         self.last_beats: dict[int, WorkerHeartbeat] = {}
+        # Service given to each tenant (virtual token counters): the next batch is formed from
+        # the least-served tenant's requests when several wait.
+        self.fair = fairness.VirtualCounters()
 
     # --- leadership -------------------------------------------------------------------------
     def hold_leadership(self) -> bool:
@@ -246,9 +250,62 @@ class Scheduler:
                                   inflight_requests=len(self.inflight_kv.get(gpu, {})),
                                   max_running_requests=cap)
                 for gpu, beat in sorted(self.live_gpus().items())]
+        tenants = {p.request.tenant for p in self.pool.values()}
+        if self.settings.fair_share and len(tenants) > 1:
+            return [self._form(d, now) for d in self._plan_fair(gpus, now)]
         dispatches = planning.plan(self.config, self.sorted_pool, gpus, now, self.estimator,
                                    self.settings.staged_batches_per_gpu)
+        for d in dispatches:  # one tenant waits: its counter still counts its service
+            self._charge(d)
         return [self._form(d, now) for d in dispatches]
+
+    def _charge(self, dispatch: planning.Dispatch) -> None:
+        """Count a dispatch's tokens (prompt + predicted) against its members' tenants."""
+        for w in dispatch.members:
+            req = self.pool[w.request_id]
+            self.fair.charge(req.request.tenant,
+                             req.request.input_tokens + req.prediction.predicted_tokens,
+                             req.request.tenant_weight)
+
+    def _plan_fair(self, gpus: list[planning.GpuState], now: float) -> list[planning.Dispatch]:
+        """Several tenants wait: one dispatch at a time, each planned over the requests of the
+        least-served tenant (fairness.py) with the GPUs as the dispatches so far left them; a
+        tenant none of whose requests can go now is passed over, so no GPU idles for
+        fairness."""
+        in_flight: dict[str, int] = {}
+        for batches in self.inflight.values():
+            for batch in batches.values():
+                for item in batch.items:
+                    in_flight[item.request.tenant] = in_flight.get(item.request.tenant, 0) + 1
+        self.fair.forget_idle({p.request.tenant for p in self.pool.values()}, in_flight)
+        by_gpu = {g.gpu: g for g in gpus}
+        dispatches: list[planning.Dispatch] = []
+        taken: set[str] = set()
+        passed_over: set[str] = set()
+        while True:
+            tenant = self.fair.choose({p.request.tenant for rid, p in self.pool.items()
+                                       if rid not in taken} - passed_over)
+            if tenant is None:
+                return dispatches
+            own = policy.pool_for(self.config, [to_waiting(p) for rid, p in self.pool.items()
+                                                if rid not in taken
+                                                and p.request.tenant == tenant])
+            planned = planning.plan(self.config, own, list(by_gpu.values()), now,
+                                    self.estimator, self.settings.staged_batches_per_gpu)
+            if not planned:
+                passed_over.add(tenant)
+                continue
+            d = planned[0]
+            ids = [w.request_id for w in d.members]
+            self.sorted_pool.remove(ids)
+            taken.update(ids)
+            self._charge(d)
+            dispatches.append(d)
+            g = by_gpu[d.gpu]
+            by_gpu[d.gpu] = dataclasses.replace(
+                g, inflight_batches=g.inflight_batches + 1,
+                inflight_kv_tokens=g.inflight_kv_tokens + sum(d.held_kv_tokens),
+                inflight_requests=g.inflight_requests + len(d.members))
 
     def concurrency_cap(self) -> int | None:
         """Continuous mode: the most requests a GPU should run at once (settings, else the
