@@ -103,12 +103,19 @@ def finished(status: RequestStatus, tenant: str, app: str) -> None:
     REQUESTS_FINISHED.labels(status=status.value, tenant=tenant, app=app).inc()
 
 
-def serve(port: int | None) -> None:
-    """Serve this process's metrics on `port` (a background thread); nothing when None."""
+def serve(port: int | None) -> bool:
+    """Serve this process's metrics on `port` (a background thread); nothing when None. A port
+    already taken (another exporter on the host) is logged, not fatal: a service must not die,
+    and be restarted in a loop, for its metrics."""
     if port is None:
-        return
-    start_http_server(port, addr="0.0.0.0")
+        return False
+    try:
+        start_http_server(port, addr="0.0.0.0")
+    except OSError as exc:
+        log.error("metrics not served: port %d: %s (set MAGNUS_METRICS_BASE_PORT)", port, exc)
+        return False
     log.info("metrics on :%d/metrics", port)
+    return True
 
 
 def render(multiproc_dir: str | None) -> tuple[bytes, str]:

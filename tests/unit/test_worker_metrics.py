@@ -68,3 +68,15 @@ def test_a_failed_request_is_counted_as_failed_and_not_timed() -> None:
     assert sample("magnus_requests_finished_total", status="failed", tenant="default",
                   app="bad") == failed + 1
     assert sample("magnus_request_latency_seconds_count", gpu="3") == latency
+
+
+def test_a_taken_metrics_port_is_logged_not_fatal() -> None:
+    import socket
+
+    from shared import metrics
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        assert metrics.serve(taken.getsockname()[1]) is False
+    assert metrics.serve(None) is False
