@@ -96,7 +96,8 @@ EXPORTED_NAMES = frozenset(next(iter(m.describe())).name for m in (
     KV_RESERVED_TOKENS, KV_BUDGET_TOKENS, SCHEDULER_LEADING))
 
 # The vLLM engine's own metrics the dashboard reads (Prometheus scrapes the engines directly).
-VLLM_METRICS_READ = frozenset({"vllm:num_requests_running", "vllm:num_requests_waiting"})
+VLLM_METRICS_READ = frozenset({"vllm:num_requests_running", "vllm:num_requests_waiting",
+                               "vllm:kv_cache_usage_perc"})
 
 
 def finished(status: RequestStatus, tenant: str, app: str) -> None:
