@@ -155,7 +155,8 @@ class Scheduler:
             except ValueError as exc:  # a record of another version only teaches less
                 log.warning("skipping an unreadable batch record: %s", exc)
                 continue
-            self.estimator.observe(ServiceRecord.from_batch_record(record))
+            if record.size > 0:  # every member cancelled: no service time to learn from
+                self.estimator.observe(ServiceRecord.from_batch_record(record))
         ids = self.r.zrange(keys.SCHEDULER_WAITING, 0, -1)
         payloads = self.r.mget([keys.request_payload(i) for i in ids]) if ids else []
         for request_id, payload in zip(ids, payloads, strict=True):
@@ -223,9 +224,9 @@ class Scheduler:
                 pipe.hdel(keys.gpu_inflight(event.batch.gpu), event.batch.batch_id)
                 pipe.hdel(keys.gpu_running(event.batch.gpu), event.batch.batch_id)
                 pipe.hincrby(keys.METRICS, "batches_completed", 1)
-                pipe.rpush(keys.BATCH_RECORDS, event.batch.model_dump_json())
-                pipe.ltrim(keys.BATCH_RECORDS, -keys.BATCH_RECORDS_MAXLEN, -1)
                 if event.batch.size > 0:  # every member cancelled: no service to learn from
+                    pipe.rpush(keys.BATCH_RECORDS, event.batch.model_dump_json())
+                    pipe.ltrim(keys.BATCH_RECORDS, -keys.BATCH_RECORDS_MAXLEN, -1)
                     self.estimator.observe(ServiceRecord.from_batch_record(event.batch))
         self.completed.ack(pipe, [eid for eid, _ in entries])
         pipe.execute()

@@ -162,3 +162,22 @@ def test_a_batch_its_worker_gave_back_is_rerun_while_that_worker_lives(
     assert len(streams.read_range(redis_client, streams.INCOMING)) == len(batch.items)
     # Given back once out of flight: nothing to give.
     assert not state.abandon_batch(redis_client, 0, batch.batch_id, "worker-old", time.time())
+
+
+def test_a_batch_whose_members_were_all_cancelled_does_not_stop_a_new_leader(
+        redis_url: str, redis_client: redis.Redis, recording_celery: RecordingCelery) -> None:
+    """Found by restarting `make run` on its append-only file: a size-0 batch record (its only
+    member cancelled while running) was kept, and every scheduler died rebuilding from it."""
+    from shared.schemas import BatchRecord, CompletedEvent
+
+    empty = BatchRecord(batch_id="b0", gpu=0, policy="magnus", size=0, max_input_tokens=0,
+                        max_predicted_tokens=0, max_generated_tokens=0,
+                        total_generated_tokens=0, estimated_service_s=1.0, measured_s=0.5,
+                        started_at=1.0, finished_at=1.5)
+    redis_client.rpush(keys.BATCH_RECORDS, empty.model_dump_json())  # as an older version kept
+    settings = SchedulerSettings(redis_url=redis_url)
+    first = Scheduler(redis_client, recording_celery, settings, instance_id="a")
+    assert first.hold_leadership()  # rebuilt past it
+    streams.publish(redis_client, streams.COMPLETED, CompletedEvent(kind="batch", batch=empty))
+    first.observe_completions()
+    assert redis_client.llen(keys.BATCH_RECORDS) == 1  # the new one is not kept
