@@ -19,6 +19,7 @@
                                     minute (bench/soak.py)
     python -m bench fairness [ARGS] two tenants at 10:1 load, fair sharing on and off, against
                                     the light one alone (bench/fairness.py; about 15 min)
+    python -m bench vllm-serve ARGS vLLM's own `vllm bench serve` (bench/vllm_serve.py)
     python -m bench profile-engine  measure the engine's step times for the cost model
     python -m bench report          rewrite docs/benchmarks.md's tables from results/
 """
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         report,
         sim_run,
         soak,
+        vllm_serve,
     )
 
     if cmd == "real":
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return soak.main(rest)
     if cmd == "fairness":
         return fairness.main(rest)
+    if cmd == "vllm-serve":
+        return vllm_serve.main(rest)
     if cmd == "report":
         return report.main(rest)
     if cmd in ("all", "load"):

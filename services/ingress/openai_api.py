@@ -293,7 +293,8 @@ async def _stream(ingress: IngressState, request: Request, req: QueuedRequest, s
     deadline = time.monotonic() + ingress.settings.chat_timeout_s
     key = keys.request_text(req.request_id)
     try:
-        yield _sse(shape.chunk("" if shape.chat else None, first=True))
+        # No chunk before the first text: clients (vllm bench serve among them) time the first
+        # token by the first chunk, as vLLM's own server sends its role chunk with it.
         while True:
             entries = await ingress.aredis.xread({key: last_id}, count=256,
                                                  block=_STREAM_BLOCK_MS)
@@ -306,8 +307,8 @@ async def _stream(ingress: IngressState, request: Request, req: QueuedRequest, s
                         continue  # the final result carries the text anyway
                     new, diverged = _new_text(sent, delta.offset, delta.text, diverged)
                     if new:
+                        yield _sse(shape.chunk(new, first=not sent))
                         sent += new
-                        yield _sse(shape.chunk(new))
             view = await _view(ingress, req.request_id)
             if view is not None and view.is_final:
                 finished = True
@@ -345,6 +346,8 @@ def _new_text(sent: str, offset: int, text: str, diverged: bool) -> tuple[str, b
 
 def _final_lines(shape: _Shape, view: state.RequestView, sent: str,
                  include_usage: bool) -> list[str]:
+    """The stream's end: what it has not sent of the answer (with the role, if nothing was sent
+    yet), the finish reason, the usage if asked, [DONE]; or an error event."""
     if view.status is not RequestStatus.COMPLETED:
         return [_sse_error(f"request {view.request_id} {view.status.value}: {view.error}",
                            view.status.value), _sse("[DONE]")]
@@ -354,8 +357,8 @@ def _final_lines(shape: _Shape, view: state.RequestView, sent: str,
                            f"mid-answer and answered differently; its answer: GET "
                            f"/v1/requests/{view.request_id}", "rerun"), _sse("[DONE]")]
     lines = []
-    if len(text) > len(sent):
-        lines.append(_sse(shape.chunk(text[len(sent):])))
+    if len(text) > len(sent) or not sent:
+        lines.append(_sse(shape.chunk(text[len(sent):], first=not sent)))
     lines.append(_sse(shape.chunk(None, finish_reason=view.finish_reason)))
     if include_usage:
         lines.append(_sse(shape.usage_chunk(view)))
