@@ -320,10 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         stack.stop()
     print(table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(
+    # The shape: a list of {fault, submitted, completed, failed, lost, duplicated,
+    # recovery_s} (plus the first failure reasons); how the run went sits beside it.
+    args.out.write_text(json.dumps([asdict(f) for f in results], indent=1) + "\n")
+    args.out.with_suffix(".run.json").write_text(json.dumps(
         {"finished_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-         "wall_s": time.time() - started, "requests_per_fault": args.requests,
-         "rows": [asdict(f) for f in results]}, indent=1) + "\n")
+         "wall_s": time.time() - started, "requests_per_fault": args.requests}, indent=1) + "\n")
     if DOC.exists() and args.out == RESULTS and args.only is None:
         from bench.report import update
 

@@ -263,36 +263,32 @@ class Stack:
             return self._restart(name, extra_env)
 
     def _restart(self, name: str, extra_env: dict[str, str] | None) -> Child:
-        (old,) = [c for c in self.children if c.name == name]
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(old.proc.pid, signal.SIGTERM)
-        try:
-            old.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(old.proc.pid, signal.SIGKILL)
-            old.proc.wait(timeout=5)
-        _wait_group_gone(old.proc.pid, timeout_s=10)
-        self.children.remove(old)
-        return self._spawn(name, old.cmd, {**old.env, **(extra_env or {})}, old.cwd)
+        (child,) = self._restart_group([name], extra_env or {})
+        return child
 
     def restart_schedulers(self, extra_env: dict[str, str]) -> None:
         """Every scheduler stopped, then all started with `extra_env` (a benchmark switching
         policy): restarting one at a time would let a standby with the old settings lead."""
         with self._lock:
-            old = [c for c in self.children if c.name.startswith("scheduler")]
-            for child in old:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(child.proc.pid, signal.SIGTERM)
-            for child in old:
-                try:
-                    child.proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(child.proc.pid, signal.SIGKILL)
-                    child.proc.wait(timeout=5)
-                _wait_group_gone(child.proc.pid, timeout_s=10)
-                self.children.remove(child)
-            for child in old:
-                self._spawn(child.name, child.cmd, {**child.env, **extra_env}, child.cwd)
+            self._restart_group([c.name for c in self.children
+                                 if c.name.startswith("scheduler")], extra_env)
+
+    def _restart_group(self, names: list[str], extra_env: dict[str, str]) -> list[Child]:
+        """SIGTERM every named service (SIGKILL after 15 s), and once all are gone start them
+        again with `extra_env` added."""
+        old = [c for c in self.children if c.name in names]
+        for child in old:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.proc.pid, signal.SIGTERM)
+        for child in old:
+            try:
+                child.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.proc.pid, signal.SIGKILL)
+                child.proc.wait(timeout=5)
+            _wait_group_gone(child.proc.pid, timeout_s=10)
+            self.children.remove(child)
+        return [self._spawn(c.name, c.cmd, {**c.env, **extra_env}, c.cwd) for c in old]
 
     def leader_scheduler(self) -> Child | None:
         """The scheduler that holds the leader lock now (None: none does)."""
