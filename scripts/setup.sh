@@ -38,4 +38,17 @@ if ! step runtime requirements/runtime.txt requirements/dev.txt pyproject.toml; 
   $PIP install --no-deps -e .
   stamp runtime requirements/runtime.txt requirements/dev.txt pyproject.toml
 fi
+# Debian's chromium and its driver: the suite drives the status page (/status) in a real headless
+# browser. Not needed to serve, so a machine that cannot install it still sets up; the browser
+# test then fails with the reason (it never skips).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  echo "[setup] installing Debian's chromium and chromium-driver (the status page's browser test)"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
+  if ! { $SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+         || { $SUDO apt-get update -q >/dev/null 2>&1 \
+              && $SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }; }; then
+    echo "[setup] could not install chromium (needs root or password-less sudo for apt-get):" \
+         "the status page's browser test will fail until it is installed" >&2
+  fi
+fi
 echo "[setup] virtualenv ready: $VENV"

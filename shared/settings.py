@@ -70,6 +70,17 @@ class IngressSettings(MagnusSettings):
     # Tenants and their hashed API keys (shared/tenants.py). None: no keys, one open tenant,
     # allowed only while ingress binds a loopback address.
     tenants_file: Path | None = None
+    # GPUs whose batches and heartbeats the status page shows (the launcher and compose set
+    # MAGNUS_GPUS for every service).
+    gpus: int = Field(default=1, ge=1)
+    # The status page (/status): its latency and predictor charts cover this window in buckets
+    # of this size, it refreshes this often, and it reads at most this many open requests and
+    # results (a bounded read, whatever the queue's depth).
+    status_window_s: float = Field(default=600.0, gt=0)
+    status_bucket_s: float = Field(default=30.0, gt=0)
+    status_refresh_s: float = Field(default=2.0, gt=0)
+    status_max_open: int = Field(default=20_000, ge=1)
+    status_max_finished: int = Field(default=5_000, ge=1)
 
 
 class PredictorSettings(MagnusSettings):

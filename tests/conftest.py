@@ -21,6 +21,8 @@ from offline.launcher import free_port, redis_server_binary
 from services.predictor.features import EMBEDDING_DIM, EmbedderConfig, F32Array
 
 if TYPE_CHECKING:
+    from selenium.webdriver.remote.webdriver import WebDriver
+
     from offline.launcher import Stack
 
 StackFactory = Callable[..., "Stack"]
@@ -97,6 +99,36 @@ def stack_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackFac
             except ProcessLookupError:
                 continue
             raise AssertionError(f"process group {pgid} survived Stack.stop()")
+
+
+# Debian's chromium and its driver (scripts/setup.sh installs both).
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture()
+def headless_chromium(tmp_path: Path) -> Iterator[WebDriver]:
+    """A real headless chromium driven through its chromedriver. Missing, it fails the test
+    (never a skip): the status page is only shown to work in a real browser."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    assert not missing, (f"{missing} not installed: `make setup` installs Debian's chromium and "
+                         "chromium-driver (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--hide-scrollbars", "--window-size=1280,1500", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    # An explicit driver: Selenium Manager would otherwise try to download one.
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
+    try:
+        yield driver
+    finally:
+        driver.quit()
 
 
 class FakeEmbedder:

@@ -8,6 +8,8 @@
     GET    /v1/models              the served model
     GET    /v1/metrics             counters (predictor source, continuations, batches), depths
     GET    /metrics                Prometheus exposition (shared/metrics.py)
+    GET    /status                 the live status page (status.html; charts, refreshes itself)
+    GET    /status/data            what it draws (status.py), admin only when keys are configured
     GET    /healthz                liveness of ingress and its Redis
 """
 
@@ -15,8 +17,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -24,10 +28,10 @@ import redis.asyncio
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from services.engine import get_engine
-from services.ingress import openai_api
+from services.ingress import openai_api, status
 from services.ingress.core import (
     ApiError,
     Caller,
@@ -114,6 +118,32 @@ def prometheus_metrics(ingress: Ingress) -> Response:
     """Prometheus exposition of ingress's metrics (shared/metrics.py)."""
     body, content_type = metrics.render(ingress.settings.prometheus_multiproc_dir)
     return Response(content=body, media_type=content_type)
+
+
+STATUS_PAGE = Path(__file__).with_name("status.html").read_text(encoding="utf-8")
+
+
+@router.get("/status", response_class=HTMLResponse)
+def status_page(ingress: Ingress) -> HTMLResponse:
+    """The page only: it holds no data (its script reads /status/data with the key it is given),
+    so it is served to anyone."""
+    refresh_ms = str(round(ingress.settings.status_refresh_s * 1000))
+    return HTMLResponse(STATUS_PAGE.replace("__REFRESH_MS__", refresh_ms),
+                        headers={"Cache-Control": "no-store"})
+
+
+@router.get("/status/data", response_model=status.StatusReport)
+def status_data(ingress: Ingress, caller: Caller) -> status.StatusReport:
+    """Queue depth by stage, app and tenant, per-GPU batches and KV, latency percentiles and
+    predictor error over the last minutes. Every tenant's activity: an admin's view."""
+    if not caller.admin:
+        raise ApiError(403, "authorization", "the status needs an admin key")
+    s = ingress.settings
+    snapshot = status.read_snapshot(
+        ingress.redis, gpus=s.gpus, now=time.time(), window_s=s.status_window_s,
+        bucket_s=s.status_bucket_s, max_open=s.status_max_open,
+        max_finished=s.status_max_finished)
+    return status.summarize(snapshot)
 
 
 @router.get("/healthz")

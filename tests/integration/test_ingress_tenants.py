@@ -147,3 +147,13 @@ def test_a_tenants_file_with_a_plain_key_is_refused(tmp_path: Path) -> None:
     path.write_text('[[tenant]]\nname = "x"\nkey_sha256 = ["mk-plain-key"]\n')
     with pytest.raises(ValueError, match="SHA-256 of a key"):
         load_tenants(path)
+
+
+def test_the_status_page_is_open_but_its_data_needs_an_admin_key(client: TestClient) -> None:
+    page = client.get("/status")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert 'id="c-latency"' in page.text  # served without a key: it holds no data itself
+    assert client.get("/status/data").status_code == 401
+    refused = client.get("/status/data", headers=auth("acme"))
+    assert refused.status_code == 403 and "admin" in refused.json()["message"]
+    assert client.get("/status/data", headers=auth("root")).status_code == 200

@@ -8,6 +8,7 @@ import csv
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -20,13 +21,19 @@ from shared.settings import REPO_ROOT
 from tests.conftest import StackFactory
 from tests.factories import poll_until_final
 
+if TYPE_CHECKING:
+    from selenium.webdriver.remote.webdriver import WebDriver
+
 pytestmark = [pytest.mark.integration, pytest.mark.engine]
 
 @pytest.fixture(scope="module")
 def stack(stack_factory: StackFactory) -> Stack:
     # The walking system's first policy: fixed batches of 8 (magnus runs in test_scheduler_stack).
-    return stack_factory(SMOLLM2_DIR, service_env={"MAGNUS_POLICY": "fcfs-fixed",
-                                                   "MAGNUS_BATCH_SIZE": "8"})
+    # The status page samples faster and in finer buckets than by default: a test's burst lasts
+    # seconds, not minutes.
+    return stack_factory(SMOLLM2_DIR, service_env={
+        "MAGNUS_POLICY": "fcfs-fixed", "MAGNUS_BATCH_SIZE": "8", "MAGNUS_STATUS_REFRESH_S": "0.5",
+        "MAGNUS_STATUS_BUCKET_S": "10", "MAGNUS_STATUS_WINDOW_S": "300"})
 
 
 def test_smollm2_names_the_capital_of_france(stack: Stack) -> None:
@@ -246,3 +253,71 @@ def test_prometheus_metrics_count_the_requests_served(stack: Stack) -> None:
     counters = httpx.get(f"{stack.ingress_url}/v1/metrics", timeout=10)
     assert counters.status_code == 200 and counters.json()["labels"].get(
         "predictor:model_version")
+
+
+def test_the_status_page_draws_the_running_stack_in_headless_chromium(
+        stack: Stack, headless_chromium: WebDriver) -> None:
+    """/status in a real browser: it loads, refreshes by itself, and its charts draw what the
+    stack does while a burst is served (queue by app, GPU KV, latency, predictor error). The
+    screenshot is the README's (docs/img/status.png)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = headless_chromium
+    browser.get(f"{stack.ingress_url}/status")
+    wait = WebDriverWait(browser, 60, poll_frequency=0.2)
+
+    def refreshes(_: object = None) -> int:
+        return int(browser.execute_script("return Number(document.body.dataset.refreshes)"))
+
+    def points(chart: str) -> int:
+        return int(browser.execute_script(
+            f"return Number(document.getElementById('{chart}').dataset.points || 0)"))
+
+    wait.until(lambda _: refreshes() >= 1)
+    first = refreshes()
+
+    apps = ["grammar", "translate", "summarise"]
+    ids: list[str] = []
+    with httpx.Client(base_url=stack.ingress_url, timeout=30) as client:
+
+        def submit(n: int) -> None:
+            for _ in range(n):
+                i = len(ids)
+                resp = client.post("/v1/requests", json={
+                    "app_id": apps[i % 3], "user_id": f"user{i % 4}", "max_tokens": 48,
+                    "instruction": "Rewrite the sentence in plain English.",
+                    "input": f"Sentence number {i} of the status page's burst."})
+                assert resp.status_code == 202, resp.text
+                ids.append(resp.json()["request_id"])
+
+        # Two waves: the queue rises, falls and rises again on the page.
+        submit(12)
+        # While the burst queues: the bars show its apps, the tiles its open requests.
+        wait.until(lambda _: points("c-apps") >= 1 and int(browser.execute_script(
+            "return Number(document.getElementById('t-open').textContent) || 0")) > 0)
+        queued_apps = browser.execute_script(
+            "return Array.from(document.querySelectorAll('#c-apps text')).map(t => t.textContent)")
+        assert any(f"app {a}" in queued_apps for a in apps), queued_apps
+        for rid in ids[:8]:
+            poll_until_final(client, rid)
+        submit(16)
+        # Most served: the page shows the rest queued and the finished ones' latencies.
+        for rid in ids[:16]:
+            poll_until_final(client, rid)
+        wait.until(lambda _: points("c-latency") >= 1 and refreshes() >= first + 2)
+        shot = REPO_ROOT / "docs" / "img" / "status.png"
+        assert browser.save_screenshot(str(shot)), "no screenshot"
+        views = [poll_until_final(client, rid) for rid in ids]
+    assert [v["status"] for v in views] == ["completed"] * len(ids)
+    # It refreshed by itself, and its history saw the queue rise.
+    wait.until(lambda _: refreshes() >= first + 3)
+    peak = browser.execute_script(
+        "return Math.max(...samples.map(s => s.waiting + s.scheduled + s.running))")
+    assert peak > 0
+    for chart in ("c-queue", "c-kv", "c-latency", "c-ttft", "c-pred"):
+        assert points(chart) >= 1, chart
+    gpu_row = browser.execute_script(
+        "return document.querySelector('#gpus tbody tr').textContent")
+    assert "s ago" in gpu_row, gpu_row  # the worker's heartbeat is shown
+    assert "cannot read" not in browser.find_element("id", "state").text
+    assert shot.stat().st_size > 20_000

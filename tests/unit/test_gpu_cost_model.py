@@ -34,4 +34,5 @@ def test_committed_results_are_the_refit() -> None:
     committed = json.loads(DEFAULT_OUT.read_text())
     for engine, fit in load_profiles().items():
         assert committed[engine]["model"] == pytest.approx(fit.model.as_dict())
-        assert load_gpu_model(engine) == fit.model
+        # The same fit to the last bits a BLAS may round differently on another machine.
+        assert load_gpu_model(engine).as_dict() == pytest.approx(fit.model.as_dict(), rel=1e-12)
