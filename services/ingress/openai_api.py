@@ -99,6 +99,9 @@ class _OpenAIRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=256)
+    # vLLM's extension (what `vllm bench serve --ignore-eos` sends): generate exactly the token
+    # budget. Benchmark-only, so an admin key's (403 otherwise), as on /v1/requests.
+    ignore_eos: bool = False
 
 
 class ChatCompletionRequest(_OpenAIRequest):
@@ -128,6 +131,7 @@ def _submit_body(body: _OpenAIRequest, instruction: str, user_input: str, input_
             instruction=instruction, input=user_input,
             user_id=body.user if body.user and valid_id(body.user) else "anonymous",
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+            ignore_eos=body.ignore_eos,
         )
     except ValidationError as exc:  # e.g. a system prompt over the instruction limit
         first = exc.errors()[0]

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from offline.model import SMOLLM2_DIR
 from services.ingress.app import create_app
+from services.ingress.openai_api import ChatCompletionRequest, chat_submit_body
 from shared import keys, state
 from shared.schemas import RequestResult
 from shared.settings import IngressSettings
@@ -97,6 +98,12 @@ def test_a_tenant_uses_only_its_apps_and_benchmark_fields_need_an_admin(
         assert resp.status_code == 403 and resp.json()["message"].startswith(field), resp.text
         assert client.post("/v1/requests", json={**BODY, field: value},
                            headers=auth("root")).status_code == 202
+    # vLLM's `ignore_eos` on the OpenAI routes (vllm bench serve --ignore-eos) likewise.
+    chat = {"model": "qa", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "ignore_eos": True}
+    refused = client.post("/v1/chat/completions", json=chat, headers=auth("globex"))
+    assert refused.status_code == 403 and refused.json()["error"]["param"] == "ignore_eos"
+    assert chat_submit_body(ChatCompletionRequest.model_validate(chat)).ignore_eos
 
 
 def test_open_requests_per_tenant_are_limited_and_freed_when_final(
