@@ -20,6 +20,8 @@
     python -m bench fairness [ARGS] two tenants at 10:1 load, fair sharing on and off, against
                                     the light one alone (bench/fairness.py; about 15 min)
     python -m bench vllm-serve ARGS vLLM's own `vllm bench serve` (bench/vllm_serve.py)
+    python -m bench crosscheck      the harness against `vllm bench serve` at the sweep's highest
+                                    load, on plain vLLM and on Magnus (bench/crosscheck.py)
     python -m bench profile-engine  measure the engine's step times for the cost model
     python -m bench report          rewrite docs/benchmarks.md's tables from results/
 """
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     from bench import (
+        crosscheck,
         engine_profile,
         fairness,
         faults,
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         return soak.main(rest)
     if cmd == "fairness":
         return fairness.main(rest)
+    if cmd == "crosscheck":
+        return crosscheck.main(rest)
     if cmd == "vllm-serve":
         return vllm_serve.main(rest)
     if cmd == "report":

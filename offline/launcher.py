@@ -234,7 +234,8 @@ class Stack:
         log.info("stack ready in %.0fs", time.monotonic() - t0)
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Until ingress answers /healthz and every GPU's worker has a fresh heartbeat."""
+        """Until ingress answers /healthz, every GPU's worker has a fresh heartbeat, a
+        scheduler leads and this stack's predictor process has loaded its model."""
         r = connect(self.redis_url)
         deadline = time.monotonic() + timeout_s
         try:
@@ -249,7 +250,11 @@ class Stack:
                 except httpx.HTTPError:
                     ok = False
                 leader = r.exists(keys.SCHEDULER_LEADER)
-                if ok and all(beats) and leader:
+                # Its own process's beat: one left by a predictor just restarted does not count.
+                predictor = next((c for c in self.children if c.name == "predictor"), None)
+                predicting = predictor is None or (
+                    r.get(keys.PREDICTOR_HEARTBEAT) == str(predictor.proc.pid))
+                if ok and all(beats) and leader and predicting:
                     return
                 time.sleep(0.5)
         finally:

@@ -26,6 +26,9 @@ SCHEDULER_WAITING = f"{PREFIX}:scheduler:waiting"
 # renewed, so a dead leader is replaced.
 SCHEDULER_LEADER = f"{PREFIX}:scheduler:leader"
 METRICS = f"{PREFIX}:metrics"
+# The process id of a predictor that has loaded its model and reads the incoming stream, renewed
+# while it runs; it expires (HEARTBEAT_TTL_S) when no predictor does.
+PREDICTOR_HEARTBEAT = f"{PREFIX}:predictor:heartbeat"
 # Every accepted request not yet final (id -> queued time): what backpressure counts, whichever
 # stage a request is in (an incoming stream nobody reads still fills it).
 OPEN_REQUESTS = f"{PREFIX}:requests:open"

@@ -334,11 +334,19 @@ class PredictorService:
             log.warning("predictor: took over %d entries a stopped predictor left", claimed)
         return claimed
 
+    def beat(self) -> None:
+        """Say this process is ready (model loaded, reading): the launcher waits for it, so a
+        benchmark's first requests do not wait for a predictor still starting."""
+        self.r.set(keys.PREDICTOR_HEARTBEAT, str(os.getpid()), ex=keys.HEARTBEAT_TTL_S)
+
     def run(self, stop: threading.Event) -> None:
         outage = RedisOutage("predictor")
-        last_claim = -math.inf
+        last_claim = last_beat = -math.inf
         while not stop.is_set():
             try:
+                if self.clock() - last_beat >= keys.HEARTBEAT_TTL_S / 5:
+                    self.beat()
+                    last_beat = self.clock()
                 if self.clock() - last_claim >= self.settings.claim_interval_s:
                     self.claim_abandoned()
                     last_claim = self.clock()
