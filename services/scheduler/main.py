@@ -252,10 +252,13 @@ class Scheduler:
                                   max_running_requests=cap)
                 for gpu, beat in sorted(self.live_gpus().items())]
         tenants = {p.request.tenant for p in self.pool.values()}
+        staging = fairness.staging_depth(self.settings.staged_batches_per_gpu,
+                                         len(tenants | self.tenants_in_flight()),
+                                         self.settings.fair_share)
         if self.settings.fair_share and len(tenants) > 1:
-            return [self._form(d, now) for d in self._plan_fair(gpus, now)]
+            return [self._form(d, now) for d in self._plan_fair(gpus, now, staging)]
         dispatches = planning.plan(self.config, self.sorted_pool, gpus, now, self.estimator,
-                                   self.settings.staged_batches_per_gpu)
+                                   staging)
         for d in dispatches:  # one tenant waits: its counter still counts its service
             self._charge(d)
         return [self._form(d, now) for d in dispatches]
@@ -268,7 +271,12 @@ class Scheduler:
                              req.request.input_tokens + req.prediction.predicted_tokens,
                              req.request.tenant_weight)
 
-    def _plan_fair(self, gpus: list[planning.GpuState], now: float) -> list[planning.Dispatch]:
+    def tenants_in_flight(self) -> set[str]:
+        return {item.request.tenant for batches in self.inflight.values()
+                for batch in batches.values() for item in batch.items}
+
+    def _plan_fair(self, gpus: list[planning.GpuState], now: float,
+                   staging: int) -> list[planning.Dispatch]:
         """Several tenants wait: one dispatch at a time, each planned over the requests of the
         least-served tenant (fairness.py) with the GPUs as the dispatches so far left them; a
         tenant none of whose requests can go now is passed over, so no GPU idles for
@@ -292,7 +300,7 @@ class Scheduler:
                                                 if rid not in taken
                                                 and p.request.tenant == tenant])
             planned = planning.plan(self.config, own, list(by_gpu.values()), now,
-                                    self.estimator, self.settings.staged_batches_per_gpu)
+                                    self.estimator, staging)
             if not planned:
                 passed_over.add(tenant)
                 continue

@@ -83,3 +83,44 @@ def test_while_both_wait_batches_follow_the_weights(
                         light=12, ticks=8)
     order = [next(iter(t)) for t in sent]
     assert order.count("heavy") == heavy_batches, order
+
+
+def test_with_two_tenants_active_nothing_is_staged_behind_a_running_batch(
+        redis_client: redis.Redis, recording_celery: RecordingCelery) -> None:
+    """Static engine, one staged batch allowed: while only the heavy tenant is active it stages
+    its next batch behind the running one; once the light tenant has a request in flight, the
+    GPU is not committed ahead (the next batch is chosen when it frees)."""
+    settings = SchedulerSettings(redis_url="unused", batch_size=4, gpus=1, policy="fcfs-fixed",
+                                 staged_batches_per_gpu=1)
+    scheduler = Scheduler(redis_client, recording_celery, settings, instance_id="stage-test")
+    assert scheduler.hold_leadership()
+    for i in range(16):
+        streams.publish(redis_client, streams.PREDICTED,
+                        of_tenant(predicted_request(i, input_tokens=20, queued_at=100.0 + i),
+                                  "heavy"))
+
+    def tick() -> list[Batch]:
+        redis_client.set(keys.worker_heartbeat(0), heartbeat(0, 4_096).model_dump_json(),
+                         ex=keys.HEARTBEAT_TTL_S)
+        before = len(recording_celery.sent)
+        scheduler.tick(time.time, block_ms=10)
+        return [Batch.model_validate_json(args[0]) for _, args, _ in recording_celery.sent[before:]]
+
+    first = tick()
+    assert len(first) == 2  # one running, one staged: one tenant active
+    scheduler.inflight[0].pop(first[0].batch_id)
+    scheduler.inflight_kv[0].clear()
+    # The light tenant's request arrives while the staged heavy batch runs: with two tenants
+    # active nothing more is staged, so it waits for that batch alone and goes next.
+    streams.publish(redis_client, streams.PREDICTED,
+                    of_tenant(predicted_request(99, input_tokens=20, queued_at=300.0), "light"))
+    assert tick() == []
+    scheduler.inflight[0].pop(first[1].batch_id)
+    scheduler.inflight_kv[0].clear()
+    light = tick()
+    assert [{i.request.tenant for i in b.items} for b in light] == [{"light"}]
+    assert tick() == []  # the light one in flight: no heavy batch staged behind it
+    scheduler.inflight[0].pop(light[0].batch_id)
+    scheduler.inflight_kv[0].clear()
+    # The light tenant is gone: the heavy one runs and stages again.
+    assert len(tick()) == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.scheduler.fairness import VirtualCounters
+from services.scheduler.fairness import VirtualCounters, staging_depth
 
 
 def serve(counters: VirtualCounters, weights: dict[str, float], rounds: int,
@@ -55,3 +55,22 @@ def test_the_choice_is_always_a_backlogged_tenant(backlogged: list[str]) -> None
     counters = VirtualCounters({"a": 5.0, "z": 0.0})
     assert counters.choose(backlogged) in backlogged
     assert counters.choose([]) is None
+
+
+def test_nothing_is_staged_while_several_tenants_are_active() -> None:
+    assert staging_depth(1, active_tenants=1, fair_share=True) == 1
+    assert staging_depth(2, active_tenants=0, fair_share=True) == 2
+    assert staging_depth(1, active_tenants=2, fair_share=True) == 0
+    assert staging_depth(1, active_tenants=3, fair_share=False) == 1
+
+
+def test_a_tenant_back_from_idle_wins_the_tie_at_the_floor_until_served() -> None:
+    fair = VirtualCounters()
+    fair.charge("heavy", 400, 1.0)
+    # "heavy" sorts before "light": the tie goes to the newcomer, not to the name.
+    assert fair.choose({"heavy", "light"}) == "light"
+    assert fair.counters["light"] == fair.counters["heavy"] == 400
+    # Still unserved (its batch could not go yet): it keeps the tie.
+    assert fair.choose({"heavy", "light"}) == "light"
+    fair.charge("light", 40, 1.0)
+    assert fair.choose({"heavy", "light"}) == "heavy"
