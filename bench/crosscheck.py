@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window-s", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1200.0)
+    parser.add_argument("--servers", default="vllm,magnus",
+                        help="which to drive: vllm (plain), magnus, or both")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--doc", type=Path, default=DOC)
     args = parser.parse_args(argv)
@@ -224,18 +226,20 @@ def main(argv: list[str] | None = None) -> int:
     with Stack(settings, service_env=env) as stack:
         r = redis.Redis.from_url(stack.redis_url, decode_responses=True)
         engine_url, model = stack.engine_url(0), settings.served_model_name
-        warm_up(engine_url, model)
-        t0 = time.time()
-        outs = asyncio.run(drive_direct(engine_url, model, reqs, offsets, args.timeout))
-        rows.append(harness_row("vllm", outs, time.time() - t0))
-        print(table(rows[-1:], {}), flush=True)
-        t0 = time.time()
-        result = vllm_bench(engine_url, model, settings.model_dir, dataset, rate, n, args.seed,
-                            work, "vllm")
-        rows.append(bench_row("vllm", result, time.time() - t0))
-        send_errors["vllm"] = send_time_error(result, offsets)
+        servers = args.servers.split(",")
+        if "vllm" in servers:
+            warm_up(engine_url, model)
+            t0 = time.time()
+            outs = asyncio.run(drive_direct(engine_url, model, reqs, offsets, args.timeout))
+            rows.append(harness_row("vllm", outs, time.time() - t0))
+            print(table(rows[-1:], {}), flush=True)
+            t0 = time.time()
+            result = vllm_bench(engine_url, model, settings.model_dir, dataset, rate, n,
+                                args.seed, work, "vllm")
+            rows.append(bench_row("vllm", result, time.time() - t0))
+            send_errors["vllm"] = send_time_error(result, offsets)
 
-        for client in ("harness", "vllm bench serve"):
+        for client in ("harness", "vllm bench serve") if "magnus" in servers else ():
             r.flushdb()  # each Magnus run starts from an empty stack and a fresh predictor
             stack.restart("predictor", env)
             stack.restart_schedulers(env)
@@ -255,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         r.close()
 
     agreement: dict[str, float | None] = {}
-    for server in ("vllm", "magnus"):
+    for server in args.servers.split(","):
         harness = next(x for x in rows if x.server == server and x.client == "harness")
         bench = next(x for x in rows if x.server == server and x.client != "harness")
         agreement[server] = (None if not harness.mean_e2e_s or bench.mean_e2e_s is None

@@ -313,7 +313,11 @@ async def _stream(ingress: IngressState, request: Request, req: QueuedRequest, s
                     if new:
                         yield _sse(shape.chunk(new, first=not sent))
                         sent += new
-            view = await _view(ingress, req.request_id)
+            # Only the status field each time round (the loop turns with every flush of text,
+            # 50 times a second per stream); the whole view once, when it is final.
+            status = await ingress.aredis.hget(keys.request(req.request_id), "status")
+            view = (await _view(ingress, req.request_id)
+                    if status is None or RequestStatus(status).is_final else None)
             if view is not None and view.is_final:
                 finished = True
                 for line in _final_lines(shape, view, sent, include_usage):
