@@ -286,6 +286,8 @@ def _sse_error(message: str, code: str) -> str:
 
 # How long one read of the text stream blocks before the route checks the request's status.
 _STREAM_BLOCK_MS = 100
+# A stream whose text keeps flowing still checks its request's status this often.
+_STATUS_EVERY_S = 1.0
 
 
 async def _stream(ingress: IngressState, request: Request, req: QueuedRequest, shape: _Shape,
@@ -296,12 +298,17 @@ async def _stream(ingress: IngressState, request: Request, req: QueuedRequest, s
     finished = False
     deadline = time.monotonic() + ingress.settings.chat_timeout_s
     key = keys.request_text(req.request_id)
+    checked = time.monotonic()
     try:
         # No chunk before the first text: clients (vllm bench serve among them) time the first
         # token by the first chunk, as vLLM's own server sends its role chunk with it.
         while True:
             entries = await ingress.aredis.xread({key: last_id}, count=256,
                                                  block=_STREAM_BLOCK_MS)
+            # While text flows the request is not final: its status is read when the text
+            # pauses, when the worker's end piece (empty text) arrives, or at least every
+            # _STATUS_EVERY_S (a request made final elsewhere, e.g. cancelled).
+            check = not entries or time.monotonic() - checked >= _STATUS_EVERY_S
             for _, items in entries or []:
                 for entry_id, fields in items:
                     last_id = entry_id
@@ -309,12 +316,15 @@ async def _stream(ingress: IngressState, request: Request, req: QueuedRequest, s
                         delta = streams.decode_text(fields)
                     except ValueError:
                         continue  # the final result carries the text anyway
+                    check = check or not delta.text
                     new, diverged = _new_text(sent, delta.offset, delta.text, diverged)
                     if new:
                         yield _sse(shape.chunk(new, first=not sent))
                         sent += new
-            # Only the status field each time round (the loop turns with every flush of text,
-            # 50 times a second per stream); the whole view once, when it is final.
+            if not check:
+                continue
+            checked = time.monotonic()
+            # The status field alone; the whole view (input and text included) once final.
             status = await ingress.aredis.hget(keys.request(req.request_id), "status")
             view = (await _view(ingress, req.request_id)
                     if status is None or RequestStatus(status).is_final else None)

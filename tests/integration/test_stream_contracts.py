@@ -211,7 +211,8 @@ def test_the_worker_posts_results_continuations_and_the_batch_record(
 def test_the_worker_streams_the_text_of_a_streaming_request_before_its_result(
         redis_client: redis.Redis) -> None:
     """Only a request whose client streams gets a text stream; its pieces carry their offsets in
-    the whole answer (after a continuation's earlier text) and are written before the result."""
+    the whole answer (after a continuation's earlier text) and are written before the result,
+    which ends the stream with an empty piece."""
     def answer(req: ChatRequest) -> ChatOutcome:
         now = time.time()
         return ChatOutcome(text="abcdef", prompt_tokens=10, completion_tokens=6,
@@ -230,7 +231,8 @@ def test_the_worker_streams_the_text_of_a_streaming_request_before_its_result(
                           10.0))
     deltas = [streams.decode_text(f)
               for _, f in redis_client.xrange(keys.request_text("streamed"))]
-    assert [(d.offset, d.text) for d in deltas] == [(2, "abc"), (5, "def")]
+    # The pieces, then the empty end piece written with the result (ingress reads it now).
+    assert [(d.offset, d.text) for d in deltas] == [(2, "abc"), (5, "def"), (8, "")]
     assert redis_client.ttl(keys.request_text("streamed")) > 0
     assert not redis_client.exists(keys.request_text("polled"))
     assert status_of(redis_client, "streamed").text == "xyabcdef"
