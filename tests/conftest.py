@@ -64,14 +64,42 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
+# Every stack the session started, in order (stack_factory appends, _stacks_end_with_their_module
+# stops those of a module when it ends).
+_started_stacks: list[Stack] = []
+
+
+def _stop_checked(stack: Stack) -> None:
+    """Stop a stack and check no process group of it is left."""
+    pgids = [c.proc.pid for c in stack.children]
+    stack.stop()
+    for pgid in pgids:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            continue
+        raise AssertionError(f"process group {pgid} survived Stack.stop()")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stacks_end_with_their_module() -> Iterator[None]:
+    """A module's stacks stop when it ends, so later modules (and the browser test) do not run
+    beside idle engines, workers and predictors left by earlier ones."""
+    first = len(_started_stacks)
+    yield
+    for stack in _started_stacks[first:]:
+        _stop_checked(stack)
+
+
 @pytest.fixture(scope="session")
 def stack_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackFactory]:
     """Starts whole stacks (Redis, engines, workers, predictor, scheduler, ingress) on free ports;
-    stops every one at the end of the session and checks no process of theirs is left."""
+    each is stopped, and checked to leave no process, when its module ends (and again, a no-op,
+    at the end of the session)."""
     from offline.launcher import Stack
     from shared.settings import LauncherSettings
 
-    started: list[Stack] = []
+    started = _started_stacks
 
     def make(model_dir: Path, gpus: int = 1, service_env: dict[str, str] | None = None,
              **settings: object) -> Stack:
@@ -91,14 +119,7 @@ def stack_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackFac
 
     yield make
     for stack in started:
-        pgids = [c.proc.pid for c in stack.children]
-        stack.stop()
-        for pgid in pgids:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                continue
-            raise AssertionError(f"process group {pgid} survived Stack.stop()")
+        _stop_checked(stack)
 
 
 # Debian's chromium and its driver (scripts/setup.sh installs both).
@@ -123,8 +144,16 @@ def headless_chromium(tmp_path: Path) -> Iterator[WebDriver]:
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
         options.add_argument(flag)
-    # An explicit driver: Selenium Manager would otherwise try to download one.
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
+    # An explicit driver: Selenium Manager would otherwise try to download one. Its log says
+    # why a browser did not start.
+    log = tmp_path / "chromedriver.log"
+    service = Service(executable_path=str(CHROMEDRIVER), log_output=str(log),
+                      service_args=["--verbose"])
+    try:
+        driver = webdriver.Chrome(options=options, service=service)
+    except Exception as exc:
+        tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
+        raise AssertionError(f"chromium did not start: {exc}\nchromedriver log:\n{tail}") from exc
     try:
         yield driver
     finally:
