@@ -3,6 +3,7 @@ passed in), `read_snapshot` the thin read of Redis behind it.
 
 What the page shows, and where each figure comes from:
 - queue depth per stage, app and tenant: every open request (keys.OPEN_REQUESTS) and its hash;
+- whether a predictor is ready (keys.PREDICTOR_HEARTBEAT);
 - per GPU: batches in flight (keys.gpu_inflight), their open requests, the KV-cache tokens those
   requests may hold (prompt + tokens so far + this run's cap: what the scheduler reserves), and
   the engine's KV budget from the worker's heartbeat;
@@ -67,6 +68,9 @@ class StatusSnapshot:
     open_unread: int
     gpus: Sequence[GpuSnapshot]
     finished: Sequence[FinishedRequest]
+    # The process id in the predictor's readiness key (keys.PREDICTOR_HEARTBEAT); None: no
+    # predictor has its model loaded and reads requests.
+    predictor_pid: str | None = None
 
 
 class Percentiles(BaseModel):
@@ -128,6 +132,8 @@ class StatusReport(BaseModel):
     now: float
     window_s: float
     bucket_s: float
+    # A predictor is up (model loaded, reading requests): without one nothing leaves `queued`.
+    predictor_ready: bool
     queue: QueueReport
     gpus: list[GpuReport]
     window: Bucket
@@ -235,6 +241,7 @@ def summarize(snapshot: StatusSnapshot) -> StatusReport:
     open_ids = {o.request_id for o in snapshot.open_requests}
     return StatusReport(
         now=now, window_s=snapshot.window_s, bucket_s=snapshot.bucket_s,
+        predictor_ready=snapshot.predictor_pid is not None,
         queue=_queue(snapshot),
         gpus=[_gpu(g, open_ids, now) for g in snapshot.gpus],
         window=_bucket(start, finished),
@@ -275,7 +282,8 @@ def read_snapshot(r: redis.Redis, gpus: int, now: float, window_s: float, bucket
     for g in range(gpus):
         pipe.hvals(keys.gpu_inflight(g))
         pipe.get(keys.worker_heartbeat(g))
-    replies = pipe.execute()
+    pipe.get(keys.PREDICTOR_HEARTBEAT)
+    *replies, predictor_pid = pipe.execute()
 
     open_requests = []
     for rid, (status, app_id, tenant) in zip(open_ids, replies[:len(open_ids)], strict=True):
@@ -317,4 +325,4 @@ def read_snapshot(r: redis.Redis, gpus: int, now: float, window_s: float, bucket
     return StatusSnapshot(now=now, window_s=window_s, bucket_s=bucket_s,
                           open_requests=open_requests,
                           open_unread=max(0, open_total - len(open_ids)),
-                          gpus=gpu_snapshots, finished=finished)
+                          gpus=gpu_snapshots, finished=finished, predictor_pid=predictor_pid)

@@ -66,7 +66,10 @@ def test_status_data_reads_queue_batches_heartbeats_and_results(
     streams.publish(pipe, streams.COMPLETED, CompletedEvent(kind="request", result=result))
     pipe.execute()
 
+    assert not client.get("/status/data").json()["predictor_ready"]
+    redis_client.set(keys.PREDICTOR_HEARTBEAT, "4242", ex=keys.HEARTBEAT_TTL_S)
     data = client.get("/status/data").json()
+    assert data["predictor_ready"]
     q = data["queue"]
     assert q["open"] == 2 and q["running"] == 1 and q["waiting"] == 1
     assert q["by_app"] == {"grammar": {"waiting": 0, "dispatched": 1},

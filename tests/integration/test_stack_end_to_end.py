@@ -325,5 +325,6 @@ def test_the_status_page_draws_the_running_stack_in_headless_chromium(
     gpu_row = browser.execute_script(
         "return document.querySelector('#gpus tbody tr').textContent")
     assert "s ago" in gpu_row, gpu_row  # the worker's heartbeat is shown
+    assert browser.find_element("id", "t-predictor").text == "ready"
     assert "cannot read" not in browser.find_element("id", "state").text
     assert shot.stat().st_size > 20_000

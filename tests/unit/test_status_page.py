@@ -114,6 +114,13 @@ def test_latency_and_predictor_error_land_in_their_buckets() -> None:
     assert p.count == 2 and p.mean_abs_error_tokens == 10.0 and p.within_25pct == 1.0
 
 
+def test_the_predictor_is_ready_while_its_key_names_a_process() -> None:
+    assert not summarize(snapshot()).predictor_ready
+    ready = StatusSnapshot(now=NOW, window_s=600.0, bucket_s=60.0, open_requests=[],
+                           open_unread=0, gpus=[], finished=[], predictor_pid="4242")
+    assert summarize(ready).predictor_ready
+
+
 def test_an_empty_stack_summarizes_to_zeros_not_errors() -> None:
     report = summarize(snapshot())
     assert report.queue.open == 0 and report.gpus == [] and report.predictor.count == 0
