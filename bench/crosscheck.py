@@ -46,12 +46,14 @@ import redis
 
 from bench.load_sweep import (
     ARRIVAL_SEEDS,
+    ENGINE_PROFILE,
+    AloneTime,
     Outcome,
     Req,
-    _stat,
     drive_direct,
     drive_magnus,
     request_pool,
+    summarise,
 )
 from bench.report import update
 from offline.launcher import Stack, free_port
@@ -109,17 +111,13 @@ def warm_up(base_url: str, model: str) -> None:
     resp.raise_for_status()
 
 
-def harness_row(server: str, outcomes: Sequence[Outcome], wall_s: float) -> Row:
-    done = [o for o in outcomes if o.status == "completed" and o.finished_at is not None]
-    e2e = [(o.finished_at or 0) - o.sent_at for o in done]
-    ttft = [o.first_token_at - o.sent_at for o in done if o.first_token_at is not None]
-    tpot = [((o.finished_at or 0) - o.first_token_at) / (o.generated_tokens - 1) for o in done
-            if o.first_token_at is not None and o.generated_tokens > 1]
-    start = min(o.sent_at for o in outcomes)
-    end = max((o.finished_at or start for o in done), default=start)
-    return Row(server, "harness", len(outcomes), len(done), _stat(e2e), _stat(e2e, 50),
-               _stat(e2e, 99), _stat(ttft), _stat(tpot),
-               len(done) / max(end - start, 1e-9), wall_s)
+def harness_row(server: str, outcomes: Sequence[Outcome], rate: float, wall_s: float) -> Row:
+    """The harness's figures, as the load sweep computes them (load_sweep.summarise)."""
+    alone = AloneTime.from_profile(json.loads(ENGINE_PROFILE.read_text()))
+    p = summarise(server, "continuous", "poisson", "full", 0.0, rate, outcomes, alone, None,
+                  wall_s)
+    return Row(server, "harness", p.requests, p.completed, p.mean_e2e_s, p.p50_e2e_s,
+               p.p99_e2e_s, p.mean_ttft_s, p.mean_tpot_s, p.throughput_rps, wall_s)
 
 
 def vllm_bench(base_url: str, model: str, tokenizer: Path, dataset: Path, rate: float, n: int,
@@ -231,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             warm_up(engine_url, model)
             t0 = time.time()
             outs = asyncio.run(drive_direct(engine_url, model, reqs, offsets, args.timeout))
-            rows.append(harness_row("vllm", outs, time.time() - t0))
+            rows.append(harness_row("vllm", outs, rate, time.time() - t0))
             print(table(rows[-1:], {}), flush=True)
             t0 = time.time()
             result = vllm_bench(engine_url, model, settings.model_dir, dataset, rate, n,
@@ -250,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             if client == "harness":
                 outs = asyncio.run(drive_magnus(stack.ingress_url, r, reqs, offsets,
                                                 args.timeout))
-                rows.append(harness_row("magnus", outs, time.time() - t0))
+                rows.append(harness_row("magnus", outs, rate, time.time() - t0))
             else:
                 result = vllm_bench(stack.ingress_url, APP, settings.model_dir, dataset, rate,
                                     n, args.seed, work, "magnus")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
@@ -194,7 +194,7 @@ def _gpu(g: GpuSnapshot, open_ids: set[str], now: float) -> GpuReport:
     )
 
 
-def _bucket(start: float, finished: Iterable[FinishedRequest]) -> Bucket:
+def _bucket(start: float, finished: Sequence[FinishedRequest]) -> Bucket:
     done = [f for f in finished if f.result.finish_reason != "error"]
     failed = sum(1 for f in finished if f.result.finish_reason == "error")
     errors = [f.predicted_tokens - f.result.generated_tokens for f in done

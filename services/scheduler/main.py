@@ -15,7 +15,8 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 
 import redis
 
@@ -252,11 +253,12 @@ class Scheduler:
                                   max_running_requests=cap)
                 for gpu, beat in sorted(self.live_gpus().items())]
         tenants = {p.request.tenant for p in self.pool.values()}
+        in_flight = self.in_flight_by_tenant()
         staging = fairness.staging_depth(self.settings.staged_batches_per_gpu,
-                                         len(tenants | self.tenants_in_flight()),
+                                         len(tenants | set(in_flight)),
                                          self.settings.fair_share)
         if self.settings.fair_share and len(tenants) > 1:
-            return [self._form(d, now) for d in self._plan_fair(gpus, now, staging)]
+            return [self._form(d, now) for d in self._plan_fair(gpus, now, staging, in_flight)]
         dispatches = planning.plan(self.config, self.sorted_pool, gpus, now, self.estimator,
                                    staging)
         for d in dispatches:  # one tenant waits: its counter still counts its service
@@ -271,21 +273,17 @@ class Scheduler:
                              req.request.input_tokens + req.prediction.predicted_tokens,
                              req.request.tenant_weight)
 
-    def tenants_in_flight(self) -> set[str]:
-        return {item.request.tenant for batches in self.inflight.values()
-                for batch in batches.values() for item in batch.items}
+    def in_flight_by_tenant(self) -> Counter[str]:
+        """Requests each tenant has in dispatched batches (tenants with none are absent)."""
+        return Counter(item.request.tenant for batches in self.inflight.values()
+                       for batch in batches.values() for item in batch.items)
 
-    def _plan_fair(self, gpus: list[planning.GpuState], now: float,
-                   staging: int) -> list[planning.Dispatch]:
+    def _plan_fair(self, gpus: list[planning.GpuState], now: float, staging: int,
+                   in_flight: Mapping[str, int]) -> list[planning.Dispatch]:
         """Several tenants wait: one dispatch at a time, each planned over the requests of the
         least-served tenant (fairness.py) with the GPUs as the dispatches so far left them; a
         tenant none of whose requests can go now is passed over, so no GPU idles for
         fairness."""
-        in_flight: dict[str, int] = {}
-        for batches in self.inflight.values():
-            for batch in batches.values():
-                for item in batch.items:
-                    in_flight[item.request.tenant] = in_flight.get(item.request.tenant, 0) + 1
         self.fair.forget_idle({p.request.tenant for p in self.pool.values()}, in_flight)
         by_gpu = {g.gpu: g for g in gpus}
         dispatches: list[planning.Dispatch] = []
