@@ -57,6 +57,7 @@ from bench.load_sweep import (
 )
 from bench.report import update
 from offline.launcher import Stack, free_port
+from shared import keys, streams
 from shared.schemas import SamplingParams
 from shared.settings import REPO_ROOT, LauncherSettings
 
@@ -154,6 +155,29 @@ def bench_row(server: str, result: dict[str, Any], wall_s: float) -> Row:
                float(result["request_throughput"]), wall_s)
 
 
+def own_metrics(r: redis.Redis) -> dict[str, float | int | None]:
+    """Mean TTFT and TPOT of every request finished since the database was emptied, from
+    Magnus's own record: the results on the completed stream and each request's queued time
+    (as the stack's histograms magnus_time_to_first_token_seconds and ..._per_output_token_...
+    measure them)."""
+    results = [e.result for _, e in streams.read_range(r, streams.COMPLETED)
+               if e.kind == "request" and e.result is not None
+               and e.result.finish_reason != "error"]
+    pipe = r.pipeline(transaction=False)
+    for res in results:
+        pipe.hget(keys.request(res.request_id), "queued_at")
+    ttft, tpot = [], []
+    for res, queued_at in zip(results, pipe.execute(), strict=True):
+        if queued_at is None or res.first_token_at is None:
+            continue
+        ttft.append(res.first_token_at - float(queued_at))
+        if res.generated_tokens > 1:
+            tpot.append((res.finished_at - res.first_token_at) / (res.generated_tokens - 1))
+    return {"requests": len(results),
+            "mean_ttft_s": float(np.mean(ttft)) if ttft else None,
+            "mean_tpot_s": float(np.mean(tpot)) if tpot else None}
+
+
 def send_time_error(result: dict[str, Any], offsets: Sequence[float]) -> float | None:
     """Largest gap (s) between vLLM's recorded send times and the harness's offsets, both from
     the first request; None when the result has no send times."""
@@ -218,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         engine_mode="continuous", ingress_port=free_port(), engine_base_port=free_port(),
         metrics_base_port=0, run_dir=work / "stack", redis_persist=False)
     rows: list[Row] = []
+    own: dict[str, float | int | None] = {}
     send_errors: dict[str, float | None] = {}
     started = time.time()
     env = {"MAGNUS_POLICY": "magnus", "MAGNUS_RETRAIN_EVERY": "1000000"}
@@ -254,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                                     n, args.seed, work, "magnus")
                 rows.append(bench_row("magnus", result, time.time() - t0))
                 send_errors["magnus"] = send_time_error(result, offsets)
+                own = own_metrics(r)
+                print(f"Magnus's own timestamps of the same requests: {own}", flush=True)
         r.close()
 
     agreement: dict[str, float | None] = {}
@@ -271,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         "rate": rate, "requests": n, "rows": [asdict(x) for x in rows],
         "bench_over_harness_mean_e2e": agreement, "within_tolerance": within,
         "tolerance": TOLERANCE, "max_send_time_gap_s": send_errors,
+        # The streamed run through Magnus as Magnus itself timed it (acceptance, first token,
+        # last token): vLLM's client against the server's own record of the same requests.
+        "magnus_own_metrics_of_streamed_run": own,
         "wall_s": time.time() - started,
         "finished_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, indent=1) + "\n")
     update(args.doc, {"crosscheck": text})
