@@ -114,6 +114,7 @@ def test_the_official_openai_client_streams_tokens_as_the_engine_generates_them(
     the poll API holds, and the usage chunk counts them; models and completions answer too."""
     import time
 
+    import openai
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{stack.ingress_url}/v1", api_key="not-needed-on-loopback",
@@ -151,6 +152,23 @@ def test_the_official_openai_client_streams_tokens_as_the_engine_generates_them(
     completion = client.completions.create(model="qa", prompt="The capital of France is",
                                            max_tokens=8, temperature=0.0)
     assert completion.choices[0].text.strip() and completion.usage is not None
+    # Completions streamed, chat not streamed with its content as a list of text parts.
+    streamed = [c.choices[0].text for c in client.completions.create(
+        model="qa", prompt="Once upon a time", max_tokens=24, temperature=0.0, stream=True)
+        if c.choices and c.choices[0].text]
+    assert len(streamed) >= 4 and "".join(streamed).strip(), streamed
+    chat = client.chat.completions.create(
+        model="qa", max_tokens=16, temperature=0.0,
+        messages=[{"role": "user", "content": [
+            {"type": "text", "text": "What is the capital of France?"},
+            {"type": "text", "text": "Answer in one word."}]}])
+    assert chat.choices[0].message.content and chat.usage is not None
+    assert chat.usage.completion_tokens <= 16
+    # Errors in OpenAI's shape, as the client raises them.
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        client.chat.completions.create(model="qa", n=3,
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert refused.value.param == "n" and "n=1" in refused.value.message
 
 
 def test_a_streaming_client_that_hangs_up_cancels_its_request(stack: Stack) -> None:
