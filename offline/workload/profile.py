@@ -5,7 +5,14 @@ Starts one engine (the launcher's code), sends a deterministic sample of every a
 the app's instruction as the system turn (the worker's chat template) and the service's sampling
 defaults, and appends one JSON line per request, so an interrupted run resumes where it stopped.
 
-    python -m offline.workload.profile [--per-core-app 420] [--per-other-app 14] [--max-tokens 512]
+    python -m offline.workload.profile [--per-core-app 420] [--per-other-app 14]
+        [--per-held-out-app 60] [--max-tokens 512]
+    python -m offline.workload.profile --resample 4 --resample-per-split 150
+
+`--resample K` measures the noise floor instead: a deterministic sample of already-profiled
+prompts of the test and unseen splits, each run K more times with the same sampling, written to
+`data/profiles/smollm2-135m-instruct.resample.jsonl.gz` (one line per sample, request id
+`<id>#<j>`, j = 0..K-1).
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from shared.settings import REPO_ROOT, LauncherSettings
 
 log = logging.getLogger("magnus.profile")
 DEFAULT_OUT = REPO_ROOT / "data" / "profiles" / "smollm2-135m-instruct.jsonl.gz"
+RESAMPLE_OUT = REPO_ROOT / "data" / "profiles" / "smollm2-135m-instruct.resample.jsonl.gz"
+RESAMPLE_SPLITS = ("test", "unseen")
 CORE_FAMILIES = {"grammar", "detox", "code_translation", "bug_fixing", "translation"}
 
 
@@ -37,10 +46,15 @@ def _order_key(request_id: str) -> str:
     return hashlib.sha1(request_id.encode()).hexdigest()
 
 
-def select(per_core_app: int, per_other_app: int, workload: Path = DEFAULT_DIR
-           ) -> list[dict[str, str]]:
+def select(per_core_app: int, per_other_app: int, workload: Path = DEFAULT_DIR,
+           per_held_out_app: int | None = None) -> list[dict[str, str]]:
     """A deterministic sample: `per_core_app` of each core app, `per_other_app` of every other app,
-    across all splits (so the test split and held-out apps are profiled too)."""
+    across all splits (so the test split and held-out apps are profiled too), and
+    `per_held_out_app` (default: `per_other_app`) of each app held out for unseen-app evaluation,
+    which needs more rows per app: some are revealed as the app's first observed lengths, the rest
+    are scored. The first N of an app by id hash are always the same, so a larger N extends a
+    smaller one."""
+    held_out = {a.app_id for a in load_apps(workload) if a.held_out}
     family = {a.app_id: a.family for a in load_apps(workload)}
     instruction = {a.app_id: a.instruction for a in load_apps(workload)}
     by_app: dict[str, list[dict[str, str]]] = defaultdict(list)
@@ -52,6 +66,8 @@ def select(per_core_app: int, per_other_app: int, workload: Path = DEFAULT_DIR
     chosen: list[dict[str, str]] = []
     for app_id in sorted(by_app):
         cap = per_core_app if family[app_id] in CORE_FAMILIES else per_other_app
+        if app_id in held_out and per_held_out_app is not None:
+            cap = per_held_out_app
         chosen.extend(sorted(by_app[app_id], key=lambda r: _order_key(r["request_id"]))[:cap])
     return sorted(chosen, key=lambda r: _order_key(r["request_id"]))
 
@@ -87,6 +103,30 @@ async def profile(engine_url: str, model: str, todo: list[dict[str, str]], parti
             await asyncio.gather(*(one(rec, out) for rec in todo))
 
 
+def resample_key(request_id: str, sample: int) -> str:
+    return f"{request_id}#{sample}"
+
+
+def select_resample(profiled: dict[str, dict[str, object]], per_split: int, samples: int
+                    ) -> list[dict[str, str]]:
+    """`per_split` already-profiled prompts of each split in RESAMPLE_SPLITS (by id hash), each
+    `samples` times; the request id of sample j is `<id>#<j>`."""
+    apps = {a.app_id: a for a in load_apps()}
+    records = {r.request_id: r for r in load_records()}
+    out: list[dict[str, str]] = []
+    for split in RESAMPLE_SPLITS:
+        ids = sorted((rid for rid, row in profiled.items() if row.get("split") == split
+                      and rid in records), key=_order_key)[:per_split]
+        for rid in ids:
+            rec = records[rid]
+            for j in range(samples):
+                out.append({"request_id": resample_key(rid, j), "app_id": rec.app_id,
+                            "family": apps[rec.app_id].family, "split": rec.split,
+                            "user_id": rec.user_id, "input": rec.input,
+                            "instruction": apps[rec.app_id].instruction})
+    return sorted(out, key=lambda r: _order_key(r["request_id"]))
+
+
 def _existing_rows(partial: Path, out: Path) -> dict[str, dict[str, object]]:
     """Rows already profiled: the committed dataset plus this run's partial file, so profiling
     resumes across interrupted runs and across clones."""
@@ -119,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-core-app", type=int, default=420)
     parser.add_argument("--per-other-app", type=int, default=14)
+    parser.add_argument("--per-held-out-app", type=int, default=None,
+                        help="requests of each held-out (unseen) app; default: --per-other-app")
+    parser.add_argument("--resample", type=int, default=0,
+                        help="noise floor: run this many more samples of profiled prompts")
+    parser.add_argument("--resample-per-split", type=int, default=150)
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -131,10 +176,17 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = LauncherSettings()
     sampling = SamplingParams()
-    partial = args.out.with_suffix("").with_suffix(".partial.jsonl")
+    out_path = RESAMPLE_OUT if args.resample else args.out
+    partial = out_path.with_suffix("").with_suffix(".partial.jsonl")
     partial.parent.mkdir(parents=True, exist_ok=True)
-    seen = set(_existing_rows(partial, args.out))
-    todo = [r for r in select(args.per_core_app, args.per_other_app) if r["request_id"] not in seen]
+    seen = set(_existing_rows(partial, out_path))
+    if args.resample:
+        wanted = select_resample(_existing_rows(args.out.with_suffix("").with_suffix(
+            ".partial.jsonl"), args.out), args.resample_per_split, args.resample)
+    else:
+        wanted = select(args.per_core_app, args.per_other_app,
+                        per_held_out_app=args.per_held_out_app)
+    todo = [r for r in wanted if r["request_id"] not in seen]
     log.info("%d requests to profile (%d already done)", len(todo), len(seen))
 
     stack = None
@@ -166,9 +218,14 @@ def main(argv: list[str] | None = None) -> int:
         "chat_template": "app instruction as system turn, user input as user turn",
         "per_core_app": args.per_core_app,
         "per_other_app": args.per_other_app,
+        "per_held_out_app": args.per_held_out_app or args.per_other_app,
     }
-    n = finalize(partial, args.out, meta)
-    log.info("wrote %d profiled requests to %s", n, args.out)
+    if args.resample:
+        meta = {k: v for k, v in meta.items() if not k.startswith("per_")}
+        meta.update(resample=args.resample, resample_per_split=args.resample_per_split,
+                    resample_splits=list(RESAMPLE_SPLITS))
+    n = finalize(partial, out_path, meta)
+    log.info("wrote %d profiled requests to %s", n, out_path)
     return 0
 
 
