@@ -53,6 +53,17 @@ TRAINING_LENGTHS = f"{PREFIX}:predictor:lengths"
 TRAINING_MAXLEN = 200_000
 
 
+# Length queries (`POST /v1/predict`) wait here for the predictor, newest at the head; each answer
+# goes to its own short-lived list, which ingress pops with a timeout.
+PREDICT_QUERIES = f"{PREFIX}:predictor:queries"
+PREDICT_QUERIES_MAX = 10_000
+PREDICT_ANSWER_TTL_S = 60
+
+
+def predict_answer(query_id: str) -> str:
+    return f"{PREFIX}:predictor:answer:{query_id}"
+
+
 def request(request_id: str) -> str:
     return f"{PREFIX}:req:{request_id}"
 

@@ -166,6 +166,29 @@ class Prediction(Message):
     predicted_at: float
 
 
+class PredictQuery(Message):
+    """A length query (`POST /v1/predict`): predict a request without running it. Ingress
+    validates and counts its prompt tokens, the predictor answers on `keys.predict_answer`."""
+
+    query_id: str
+    app_id: str
+    user_id: str
+    instruction: str
+    input: str
+    input_tokens: int = Field(ge=1)
+    max_tokens: int = Field(ge=1)
+    asked_at: float
+
+
+class PredictAnswer(Message):
+    query_id: str
+    predicted_tokens: int = Field(ge=1)
+    upper_tokens: int = Field(ge=1)
+    model_version: str
+    source: PredictorSource
+    answered_at: float
+
+
 class PredictedRequest(Message):
     """A request with its prediction: the only thing the scheduler may put in a batch."""
 
@@ -312,6 +335,45 @@ class SubmitRequest(BaseModel):
             repetition_penalty=defaults.repetition_penalty,
             ignore_eos=self.ignore_eos,
         )
+
+
+class PredictBody(BaseModel):
+    """The body of `POST /v1/predict`: what a request would be, to have its length predicted
+    without running it (for a router, or vLLM's priority scheduling)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False, allow_inf_nan=False)
+    app_id: str = Field(pattern=_ID_PATTERN, description="application id")
+    instruction: str = Field(default="", max_length=8_000, description="app-level instruction")
+    input: str = Field(min_length=1, description="the user's input")
+    user_id: str = Field(default="anonymous", pattern=_ID_PATTERN)
+    max_tokens: int = Field(default=256, ge=1)
+
+    @field_validator("input")
+    @classmethod
+    def _input_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("input must contain non-whitespace text")
+        return v
+
+    def as_submit(self) -> SubmitRequest:
+        return SubmitRequest(app_id=self.app_id, instruction=self.instruction, input=self.input,
+                             user_id=self.user_id, max_tokens=self.max_tokens)
+
+
+class PredictResponse(BaseModel):
+    """A length prediction. `priority` is `predicted_tokens`, ready for vLLM's
+    `--scheduling-policy priority` (lower runs first: shortest predicted first);
+    `ranking_score` is log(1 + predicted_tokens), the order Magnus's predictor is trained to get
+    right (compare it across requests, not as a length)."""
+
+    predicted_tokens: int
+    upper_tokens: int = Field(description="p90 bound: about 90% of outputs are at most this")
+    ranking_score: float
+    priority: int
+    input_tokens: int
+    max_tokens: int
+    source: PredictorSource
+    model_version: str
 
 
 class SubmitResponse(BaseModel):

@@ -63,6 +63,8 @@ class IngressSettings(MagnusSettings):
     # POST /v1/chat/completions waits at most this long for the answer (then 504; the request
     # stays pollable by its id).
     chat_timeout_s: float = Field(default=600.0, gt=0)
+    # POST /v1/predict waits at most this long for the predictor's answer (then 503).
+    predict_timeout_s: float = Field(default=5.0, gt=0)
     # prometheus-client's multiprocess directory, when ingress runs several processes: /metrics
     # then aggregates them. Read under the name prometheus-client itself reads.
     prometheus_multiproc_dir: str | None = Field(

@@ -3,6 +3,7 @@
     POST   /v1/requests            submit (202 + id)
     GET    /v1/requests/{id}       status, text, token counts, stage timestamps
     DELETE /v1/requests/{id}       cancel
+    POST   /v1/predict             a request's predicted length, bound and rank, without running it
     POST   /v1/chat/completions    OpenAI-compatible (openai_api.py), streaming or not
     POST   /v1/completions         the same for text completions
     GET    /v1/models              the served model
@@ -37,6 +38,7 @@ from services.ingress.core import (
     Caller,
     Ingress,
     IngressState,
+    ask_predictor,
     cancel_request,
     clean_errors,
     enqueue,
@@ -48,7 +50,13 @@ from services.ingress.core import (
 from services.ingress.tokens import PromptCounter
 from shared import keys, metrics, state
 from shared.redis_conn import connect
-from shared.schemas import RequestStatus, SubmitRequest, SubmitResponse
+from shared.schemas import (
+    PredictBody,
+    PredictResponse,
+    RequestStatus,
+    SubmitRequest,
+    SubmitResponse,
+)
 from shared.settings import IngressSettings
 from shared.tenants import load_tenants
 
@@ -68,6 +76,11 @@ def submit(body: SubmitRequest, ingress: Ingress, caller: Caller) -> SubmitRespo
     req = validate_and_build(ingress, body, caller)
     enqueue(ingress, req, caller)
     return SubmitResponse(request_id=req.request_id, status=RequestStatus.QUEUED)
+
+
+@router.post("/v1/predict", response_model=PredictResponse)
+def predict(body: PredictBody, ingress: Ingress, caller: Caller) -> PredictResponse:
+    return ask_predictor(ingress, body, caller)
 
 
 @router.get("/v1/requests/{request_id}", response_model=state.RequestView)

@@ -3,6 +3,7 @@ Redis, queueing, reading a request back, cancelling one, and the error type hand
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import uuid
@@ -15,7 +16,15 @@ from fastapi import Depends, Request
 
 from services.ingress.tokens import PromptCounter
 from shared import keys, metrics, state, streams
-from shared.schemas import QueuedRequest, RequestStatus, SubmitRequest
+from shared.schemas import (
+    PredictAnswer,
+    PredictBody,
+    PredictQuery,
+    PredictResponse,
+    QueuedRequest,
+    RequestStatus,
+    SubmitRequest,
+)
 from shared.settings import IngressSettings
 from shared.tenants import OPEN_TENANT, Tenant, TenantDirectory
 
@@ -177,6 +186,36 @@ def enqueue(ingress: IngressState, req: QueuedRequest, caller: Tenant) -> None:
     pipe.hincrby(keys.METRICS, "requests_accepted", 1)
     pipe.execute()
     metrics.REQUESTS_ACCEPTED.labels(tenant=req.tenant, app=req.app_id).inc()
+
+
+def ask_predictor(ingress: IngressState, body: PredictBody, caller: Tenant) -> PredictResponse:
+    """A length prediction for a request that is not run: validated exactly like a submission
+    (the tenant's apps, limits, the context), then asked of the predictor through Redis. 503
+    when no predictor answers within `predict_timeout_s` (nothing is left behind: the query and
+    its answer expire)."""
+    req = validate_and_build(ingress, body.as_submit(), caller)
+    query = PredictQuery(query_id=uuid.uuid4().hex, app_id=req.app_id, user_id=req.user_id,
+                         instruction=req.instruction, input=req.input,
+                         input_tokens=req.input_tokens, max_tokens=req.max_tokens,
+                         asked_at=time.time())
+    r = ingress.redis
+    pipe = r.pipeline(transaction=True)
+    pipe.lpush(keys.PREDICT_QUERIES, query.model_dump_json())
+    # Bounded: with no predictor running, old queries fall off instead of piling up.
+    pipe.ltrim(keys.PREDICT_QUERIES, 0, keys.PREDICT_QUERIES_MAX - 1)
+    pipe.execute()
+    got = r.blpop([keys.predict_answer(query.query_id)],
+                  timeout=ingress.settings.predict_timeout_s)
+    if got is None:
+        raise ApiError(503, "body", f"no predictor answered within "
+                       f"{ingress.settings.predict_timeout_s:g} s; retry later",
+                       headers={"Retry-After": str(ingress.settings.retry_after_s)})
+    answer = PredictAnswer.parse(got[1])
+    return PredictResponse(
+        predicted_tokens=answer.predicted_tokens, upper_tokens=answer.upper_tokens,
+        ranking_score=math.log1p(answer.predicted_tokens), priority=answer.predicted_tokens,
+        input_tokens=req.input_tokens, max_tokens=req.max_tokens, source=answer.source,
+        model_version=answer.model_version)
 
 
 def read_view(ingress: IngressState, request_id: str) -> state.RequestView | None:

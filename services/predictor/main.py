@@ -41,7 +41,7 @@ from services.predictor.rows import Example, PredictRow
 from shared import keys, metrics, state, streams
 from shared.lifecycle import start_service
 from shared.redis_conn import REDIS_DOWN, RedisOutage, connect
-from shared.schemas import PredictedRequest, Prediction
+from shared.schemas import PredictAnswer, PredictedRequest, Prediction, PredictQuery
 from shared.settings import REPO_ROOT, PredictorSettings
 
 log = logging.getLogger("magnus.predictor")
@@ -172,7 +172,38 @@ class PredictorService:
             log.exception("model prediction failed; answering from the ladder")
             return [predictor.ladder_predict(r) for r in rows], predictor.ladder.version
 
-    def predict_incoming(self, block_ms: int = 200) -> int:
+    def answer_queries(self) -> int:
+        """Answer waiting length queries (`POST /v1/predict`), oldest first, in one batch: the
+        same model and features as a queued request gets, but nothing is recorded or queued."""
+        raw = self.r.rpop(keys.PREDICT_QUERIES, self.settings.read_count)
+        if not raw:
+            return 0
+        queries: list[PredictQuery] = []
+        for item in raw if isinstance(raw, list) else [raw]:
+            try:
+                queries.append(PredictQuery.parse(item))
+            except ValueError:
+                log.warning("dropped an unreadable length query: %.200r", item)
+        if not queries:
+            return 0
+        predictor = self.predictor
+        rows = [PredictRow(q.app_id, q.user_id, q.instruction, q.input, q.input_tokens,
+                           q.max_tokens) for q in queries]
+        results, version = self.predict_rows(predictor, rows)
+        now = time.time()
+        pipe = self.r.pipeline(transaction=False)
+        for q, (predicted, upper, source) in zip(queries, results, strict=True):
+            answer = PredictAnswer(query_id=q.query_id, predicted_tokens=predicted,
+                                   upper_tokens=upper, model_version=version, source=source,
+                                   answered_at=now)
+            key = keys.predict_answer(q.query_id)
+            pipe.rpush(key, answer.model_dump_json())
+            pipe.expire(key, keys.PREDICT_ANSWER_TTL_S)
+        pipe.hincrby(keys.METRICS, "predictor:queries_answered", len(queries))
+        pipe.execute()
+        return len(queries)
+
+    def predict_incoming(self, block_ms: int = 50) -> int:
         entries = self.incoming.read(self.settings.read_count, block_ms)
         if not entries:
             return 0
@@ -350,6 +381,7 @@ class PredictorService:
                 if self.clock() - last_claim >= self.settings.claim_interval_s:
                     self.claim_abandoned()
                     last_claim = self.clock()
+                self.answer_queries()
                 self.predict_incoming()
                 self.learn_from_completed()
                 outage.recovered()
