@@ -63,6 +63,11 @@ class IngressSettings(MagnusSettings):
     # POST /v1/chat/completions waits at most this long for the answer (then 504; the request
     # stays pollable by its id).
     chat_timeout_s: float = Field(default=600.0, gt=0)
+    # How long an idle client connection stays open. Longer than clients wait between requests:
+    # uvicorn's 5 s default raced clients that paused about 5 s and then reused the connection
+    # just as the server closed it (a request failed with no status; seen in the Locust test,
+    # whose users think 1-5 s).
+    keep_alive_s: int = Field(default=75, ge=1)
     # POST /v1/predict waits at most this long for the predictor's answer (then 503).
     predict_timeout_s: float = Field(default=5.0, gt=0)
     # prometheus-client's multiprocess directory, when ingress runs several processes: /metrics

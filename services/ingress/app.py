@@ -276,7 +276,8 @@ def main() -> int:
     import uvicorn
 
     settings = IngressSettings()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+                timeout_keep_alive=settings.keep_alive_s)
     return 0
 
 
