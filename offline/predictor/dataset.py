@@ -22,6 +22,8 @@ from shared.settings import REPO_ROOT
 PROFILE_DIR = REPO_ROOT / "data" / "profiles"
 PROFILE_FINAL = PROFILE_DIR / "smollm2-135m-instruct.jsonl.gz"
 PROFILE_PARTIAL = PROFILE_DIR / "smollm2-135m-instruct.partial.jsonl"
+# More samples of some profiled prompts (`offline.workload.profile --resample`): the noise floor.
+RESAMPLE_PROFILE = PROFILE_DIR / "smollm2-135m-instruct.resample.jsonl.gz"
 # The cap the profile ran under (its .meta.json says so when present).
 PROFILE_MAX_TOKENS = 512
 
@@ -73,6 +75,22 @@ def load_examples(profile: Path | None = None, workload: Path = DEFAULT_DIR) -> 
             generated_tokens=int(str(row["generated_tokens"])),
             hit_cap=row["finish_reason"] == "length", family=app.family, split=rec.split,
         ))
+    return out
+
+
+def load_resamples(path: Path = RESAMPLE_PROFILE) -> dict[str, list[int]]:
+    """Request id -> the lengths of its resamples (ids `<request id>#<j>`); empty when the noise
+    floor was never measured."""
+    out: dict[str, list[int]] = {}
+    if not path.exists():
+        return out
+    for line in _lines(path):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        base = str(row["request_id"]).rsplit("#", 1)[0]
+        out.setdefault(base, []).append(int(row["generated_tokens"]))
     return out
 
 

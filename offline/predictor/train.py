@@ -54,8 +54,9 @@ class Built:
 
 
 def embedding_cache_file(config: EmbedderConfig) -> Path:
+    window = "" if config.window == "head" else f"-{config.window}"
     return DEFAULT_CACHE_DIR / "predictor" / \
-        f"embeddings-{config.model}-{config.max_seq_length}-{config.dtype}.npz"
+        f"embeddings-{config.model}-{config.max_seq_length}-{config.dtype}{window}.npz"
 
 
 def build(examples: list[Example], embedder_config: EmbedderConfig | None = None,

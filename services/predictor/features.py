@@ -42,12 +42,23 @@ class EmbedderConfig:
     model: str = "all-MiniLM-L6-v2"
     max_seq_length: int = 32
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    # Which part of a long text is embedded: its head, or its head and its tail (prompt templates
+    # often put the task at the end: "... The sentiment expressed for the movie is").
+    window: Literal["head", "head_tail"] = "head_tail"
 
     @property
     def max_chars(self) -> int:
         # Word pieces are rarely shorter than 2 characters: cutting the text first spares the
         # tokenizer most of a long code file it would truncate anyway.
         return self.max_seq_length * 8
+
+    def clip(self, text: str) -> str:
+        """The part of `text` the embedder sees (the tokenizer then truncates to word pieces)."""
+        if self.window == "head" or len(text) <= self.max_seq_length * 4:
+            return text[: self.max_chars]
+        # About half the word pieces each (English runs ~4 characters a piece).
+        half = self.max_seq_length * 2
+        return f"{text[:half]} ... {text[-half:]}"
 
 
 class Embedder(Protocol):
@@ -82,7 +93,7 @@ class SentenceEmbedder:
     def encode(self, texts: Sequence[str]) -> F32Array:
         if not texts:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
-        cut = [t[: self.config.max_chars] for t in texts]
+        cut = [self.config.clip(t) for t in texts]
         with self._lock:
             out = self._model.encode(cut, batch_size=self.batch_size, convert_to_numpy=True,
                                      show_progress_bar=False, normalize_embeddings=False)

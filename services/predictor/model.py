@@ -516,7 +516,9 @@ def load_artifact(path: Path, threads: int | None = None) -> FittedModel:
         neighbours = AppNeighbours(z["nb_app_ids"], z["nb_emb"], z["nb_stats"]) \
             if "nb_app_ids" in z.files else None
         return FittedModel(
-            version=meta["version"], config=config, embedder=EmbedderConfig(**meta["embedder"]),
+            version=meta["version"], config=config,
+            # Artifacts from before the embedder had a window embedded inputs by their head.
+            embedder=EmbedderConfig(**{"window": "head", **meta["embedder"]}),
             app_projection=Projection(z["app_proj_mean"], z["app_proj_components"]),
             user_projection=Projection(z["user_proj_mean"], z["user_proj_components"]),
             app_history=app_table, user_history=_table_from(meta["user_history"]),

@@ -67,8 +67,8 @@ def test_predict_answers_from_the_learned_model_and_queues_nothing(
         assert a["priority"] == a["predicted_tokens"]
         assert a["ranking_score"] == pytest.approx(math.log1p(a["predicted_tokens"]))
         # The very prediction a queued request gets: same model, same features.
-        row = PredictRow(body["app_id"], body["user_id"], body["instruction"], body["input"],
-                         a["input_tokens"], body["max_tokens"])
+        row = PredictRow(str(body["app_id"]), str(body["user_id"]), str(body["instruction"]),
+                         str(body["input"]), a["input_tokens"], int(str(body["max_tokens"])))
         predicted, upper, _ = predictor.predictor.predict_batch([row])[0]
         assert (a["predicted_tokens"], a["upper_tokens"]) == (predicted, upper)
     # A Java method translated to C# is predicted longer than a corrected sentence.

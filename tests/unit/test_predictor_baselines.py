@@ -10,10 +10,14 @@ import pytest
 from offline.predictor.baselines import (
     LinearBaseline,
     MeanBaseline,
+    PairwiseRanker,
     calibrated_upper,
     clamp_arrays,
     fit_forest,
+    long_output_rows,
     metrics,
+    noise_floor,
+    within_app_tau,
 )
 from services.predictor.main import learnable, sample_from_store
 
@@ -93,3 +97,43 @@ def test_store_entries_old_and_new() -> None:
         "request_id": "r1", "app_id": "a", "user_id": "u", "instruction": "i", "input": "x",
         "input_tokens": 5, "generated_tokens": 9, "max_tokens": 64, "hit_cap": True}), 0)
     assert (new.request_id, new.instruction, new.input, new.hit_cap) == ("r1", "i", "x", True)
+
+
+def test_within_app_tau_ranks_inside_apps_only() -> None:
+    apps = ["a"] * 4 + ["b"] * 4 + ["c"] * 2  # c: too few rows to rank, left out
+    y = np.array([1, 2, 3, 4, 10, 20, 30, 40, 5, 6], dtype=float)
+    # Perfect order inside a, reversed inside b: weighted mean 0. Across the mix it is positive.
+    point = np.array([1, 2, 3, 4, 40, 30, 20, 10, 6, 5], dtype=float)
+    assert within_app_tau(apps, point, y) == pytest.approx(0.0)
+    assert within_app_tau(apps, y, y) == pytest.approx(1.0)
+    # A per-app constant (what a per-app mean gives) ranks nothing inside apps.
+    const = np.array([2.5] * 4 + [25.0] * 4 + [5.5] * 2)
+    assert within_app_tau(apps, const, y) == pytest.approx(0.0)
+    m = metrics(y, const, const + 100, np.zeros(10, bool), apps, long_output_rows(apps, y, 20))
+    assert m.kendall_tau > 0.5 and m.kendall_tau_within == pytest.approx(0.0)
+    assert m.n_long == 4 and m.p90_coverage_long == 1.0
+
+
+def test_long_output_rows_by_the_apps_true_mean() -> None:
+    apps = ["a", "a", "b", "b"]
+    y = np.array([100.0, 400.0, 150.0, 160.0])
+    assert long_output_rows(apps, y, threshold=200).tolist() == [True, True, False, False]
+
+
+def test_noise_floor_is_the_mean_of_the_resamples() -> None:
+    has, pred = noise_floor({"r1": [10, 20, 30, 40], "r3": [5]}, ["r1", "r2", "r3"])
+    assert has.tolist() == [True, False, True]
+    np.testing.assert_allclose(pred, [25.0, 5.0])
+
+
+def test_pairwise_ranker_learns_the_order_and_maps_it_to_lengths() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, size=(600, 3)).astype(np.float32)
+    y = np.round(np.expm1(1 + 4 * x[:, 0])).astype(float)  # length grows with feature 0
+    ids = [f"r{i}" for i in range(600)]
+    ranker = PairwiseRanker.fit(x[:500], y[:500], ids[:500], x[500:], y[500:], threads=1)
+    pred = ranker.predict(x[500:])
+    m = metrics(y[500:], pred, pred, np.zeros(100, bool))
+    assert m.kendall_tau > 0.8
+    # The isotonic map returns lengths on the target's scale, not raw scores.
+    assert np.median(np.abs(pred - y[500:]) / y[500:]) < 0.3

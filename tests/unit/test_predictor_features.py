@@ -168,3 +168,14 @@ def test_app_neighbours_use_similar_apps_never_the_app_itself() -> None:
     assert feats[1, -1] == pytest.approx(1.0, abs=0.01)
     empty = AppNeighbours.build([], np.zeros((0, 2), np.float32), table)
     assert empty.features(["x"], np.ones((1, 2), np.float32)).shape == (1, len(NEIGHBOUR_NAMES))
+
+
+def test_embedder_window_keeps_the_tail_of_a_long_input() -> None:
+    text = "HEAD " + "filler " * 200 + "The sentiment expressed for the movie is"
+    head = EmbedderConfig(window="head").clip(text)
+    both = EmbedderConfig(window="head_tail").clip(text)
+    assert head.startswith("HEAD") and "sentiment" not in head
+    assert both.startswith("HEAD") and both.endswith("for the movie is")
+    assert len(both) < 4 * EmbedderConfig().max_seq_length * 2
+    short = "Correct me please."
+    assert EmbedderConfig(window="head_tail").clip(short) == short

@@ -183,3 +183,19 @@ def test_a_continuation_deep_in_the_tail_still_gets_a_run_of_half_its_tokens_so_
         generated += int(remaining_given(10, 11, generated)[1])
         runs += 1
     assert runs <= 12
+
+
+def test_an_artifact_from_before_the_embedder_window_embeds_by_the_head(
+        tiny_model: FittedModel, tmp_path: Path) -> None:
+    import json
+
+    path = save_artifact(tiny_model, tmp_path / "p.npz")
+    assert load_artifact(path).embedder == tiny_model.embedder
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["meta"]))
+    del meta["embedder"]["window"]
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(tmp_path / "old.npz", **arrays)
+    # It was trained on inputs cut to their head: serving must cut them the same way.
+    assert load_artifact(tmp_path / "old.npz").embedder.window == "head"
