@@ -53,6 +53,7 @@ import redis
 
 from bench.real_stack import machine
 from offline.launcher import Stack, free_port
+from offline.predictor.train import CACHE_ARTIFACT, COMMITTED_ARTIFACT
 from offline.workload.analysis import load_profile
 from offline.workload.arrivals import azure_trace_arrivals, gamma_arrivals, poisson_arrivals
 from offline.workload.catalog import load_apps, load_records
@@ -74,6 +75,18 @@ ARRIVAL_SEEDS = {"poisson": 0, "gamma": 17, "azure": 31, "burst": 43}
 DEFAULT_LOADS = "0.3,1.0,1.5"
 LONG_LOADS = "0.3,0.5,0.7,1.0,1.25,1.5"
 DIRECT = "vllm-direct"  # plain vLLM, no Magnus: not a scheduler policy
+# "<policy>@compare": the policy with the predictor artifact of --compare-artifact, beside the
+# same policy with the current one (two predictors, one run).
+COMPARE_SUFFIX = "@compare"
+
+
+def base_policy(name: str) -> str:
+    return name.removesuffix(COMPARE_SUFFIX)
+
+
+def current_artifact() -> Path:
+    """The artifact the predictor loads by default (its .cache copy, else the committed one)."""
+    return CACHE_ARTIFACT if CACHE_ARTIFACT.exists() else COMMITTED_ARTIFACT
 SLO_SLOWDOWN = 5.0
 SLO_TTFT_S = 10.0
 MAX_TOKENS = 512
@@ -454,8 +467,10 @@ def default_plans(args: argparse.Namespace) -> list[Plan]:
     points = tuple((k, load) for k in kinds for load in loads
                    if k == "poisson" or args.long or load == args.bursty_load)
     policies = [p for p in args.policies.split(",") if p]
-    fcfs = tuple(p for p in policies if p == DIRECT or not get_policy(p).engine_priority)
-    prio = tuple(p for p in policies if p != DIRECT and get_policy(p).engine_priority)
+    fcfs = tuple(p for p in policies
+                 if p == DIRECT or not get_policy(base_policy(p)).engine_priority)
+    prio = tuple(p for p in policies
+                 if p != DIRECT and get_policy(base_policy(p)).engine_priority)
     plans = [Plan("continuous", "full", False, points, fcfs)]
     if prio:
         plans.append(Plan("continuous", "full", True, points, prio))
@@ -465,11 +480,13 @@ def default_plans(args: argparse.Namespace) -> list[Plan]:
         cut_policies = tuple(p for p in policies if p in args.cut_policies.split(","))
         plans.append(Plan("continuous", "cut", False, cut_points,
                           tuple(p for p in cut_policies if p == DIRECT
-                                or not get_policy(p).engine_priority)))
-        if any(p != DIRECT and get_policy(p).engine_priority for p in cut_policies):
+                                or not get_policy(base_policy(p)).engine_priority)))
+        if any(p != DIRECT and get_policy(base_policy(p)).engine_priority
+               for p in cut_policies):
             plans.append(Plan("continuous", "cut", True, cut_points,
                               tuple(p for p in cut_policies
-                                    if p != DIRECT and get_policy(p).engine_priority)))
+                                    if p != DIRECT
+                                    and get_policy(base_policy(p)).engine_priority)))
     if not args.no_static:
         static_points = tuple(("burst", 0.0) if k == "burst" else ("poisson", float(k))
                               for k in args.static_points.split(","))
@@ -489,7 +506,7 @@ def run_plan(plan: Plan, pool: Sequence[Req], capacity: float | None, args: argp
         engine_scheduling_policy="priority" if plan.engine_priority else "fcfs",
         engine_num_gpu_blocks=cut_blocks if plan.kv == "cut" else None,
         redis_persist=False)  # each run starts clean
-    first = next((p for p in plan.policies if p != DIRECT), "continuous-fcfs")
+    first = base_policy(next((p for p in plan.policies if p != DIRECT), "continuous-fcfs"))
     points: list[Point] = []
     with Stack(settings, service_env={"MAGNUS_POLICY": first}) as stack:
         r = redis.Redis.from_url(stack.redis_url, decode_responses=True)
@@ -511,8 +528,17 @@ def run_plan(plan: Plan, pool: Sequence[Req], capacity: float | None, args: argp
                     outs = asyncio.run(drive_direct(engine_url, settings.served_model_name,
                                                     reqs, offsets, args.timeout))
                 else:
-                    env = {"MAGNUS_POLICY": policy, "MAGNUS_RETRAIN_EVERY": "1000000",
+                    env = {"MAGNUS_POLICY": base_policy(policy),
+                           "MAGNUS_RETRAIN_EVERY": "1000000",
                            "MAGNUS_BATCH_SIZE": str(args.batch_size)}
+                    if policy.endswith(COMPARE_SUFFIX) and args.compare_artifact is None:
+                        raise SystemExit(f"{policy} needs --compare-artifact")
+                    if args.compare_artifact is not None:
+                        # Named for every policy: a restarted service keeps the settings of
+                        # its last start, so the compared artifact would otherwise stay.
+                        env["MAGNUS_ARTIFACT_PATH"] = str(
+                            args.compare_artifact if policy.endswith(COMPARE_SUFFIX)
+                            else current_artifact())
                     r.flushdb()
                     stack.restart("predictor", env)
                     stack.restart_schedulers(env)
@@ -580,6 +606,9 @@ def main(argv: list[str] | None = None) -> int:
         [DIRECT, "vllm-priority", "prompt-hrrn", "magnus", "magnus-oracle"]))
     parser.add_argument("--cut-policies", default="vllm-direct,magnus,magnus-oracle")
     parser.add_argument("--static-policies", default="fcfs-fixed,magnus,magnus-oracle")
+    parser.add_argument("--compare-artifact", type=Path, default=None,
+                        help="predictor artifact for policies named <policy>@compare (e.g. "
+                             "magnus@compare: the same policy with another predictor)")
     parser.add_argument("--static-points", default="burst",
                         help="'burst' (all at once) and/or loads (Poisson)")
     parser.add_argument("--burst-requests", type=int, default=100)

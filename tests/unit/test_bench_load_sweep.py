@@ -121,6 +121,18 @@ def test_default_plans_split_engines_by_configuration() -> None:
     assert by[("static", "full", False)].points == (("burst", 0.0),)
 
 
+def test_a_policy_with_the_compared_predictor_runs_beside_the_same_policy() -> None:
+    got = plans(["policies=vllm-direct,magnus,magnus@compare,vllm-priority@compare",
+                 "no_cut=True", "static_policies=magnus@compare,magnus"])
+    by = {(p.mode, p.kv, p.engine_priority): p for p in got}
+    # "@compare" only swaps the predictor: the engine configuration follows the base policy.
+    assert by[("continuous", "full", False)].policies == (
+        "vllm-direct", "magnus", "magnus@compare")
+    assert by[("continuous", "full", True)].policies == ("vllm-priority@compare",)
+    assert by[("static", "full", False)].policies == ("magnus@compare", "magnus")
+    assert ls.base_policy("magnus@compare") == "magnus" and ls.base_policy("magnus") == "magnus"
+
+
 def test_arrival_seeds_do_not_depend_on_the_process() -> None:
     # str hash() is salted per process; the sample each point draws must not be
     assert set(ls.ARRIVAL_SEEDS) == {"poisson", "gamma", "azure", "burst"}
