@@ -54,6 +54,27 @@ def test_smollm2_names_the_capital_of_france(stack: Stack) -> None:
     assert [stages[s] for s in order] == sorted(stages[s] for s in order)
 
 
+def test_length_hints_come_from_the_running_predictor_and_run_nothing(stack: Stack) -> None:
+    """POST /v1/predict through the launcher's stack: the predictor process answers with its
+    learned model, and no request is queued or run for it."""
+    with httpx.Client(base_url=stack.ingress_url, timeout=30) as client:
+        before = client.get("/v1/metrics").json()
+        resp = client.post("/v1/predict", json={
+            "app_id": "grammar-jfleg", "max_tokens": 64,
+            "instruction": "Correct the grammar of the following sentence. Reply with the "
+                           "corrected sentence only.",
+            "input": "He have two cat and they is very friendly."})
+        after = client.get("/v1/metrics").json()
+    assert resp.status_code == 200, resp.text
+    hint = resp.json()
+    assert hint["source"] == "model", hint
+    assert 1 <= hint["predicted_tokens"] <= hint["upper_tokens"] <= 64
+    assert hint["priority"] == hint["predicted_tokens"] and hint["input_tokens"] > 10
+    accepted = [m["counters"].get("requests_accepted", 0) for m in (before, after)]
+    assert accepted[0] == accepted[1]
+    assert after["counters"]["predictor:queries_answered"] >= 1
+
+
 def test_twenty_concurrent_requests_all_complete_and_nothing_is_lost(stack: Stack) -> None:
     prompts = [f"Write one sentence about the number {i}." for i in range(20)]
 
