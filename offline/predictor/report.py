@@ -105,9 +105,15 @@ between squared error on log1p(length) and absolute error on the length; and the
 quantile, is the 512 cap itself when over a tenth of outputs hit it, and then no tree ever moves).
 Both stop early on the validation split. The upper bound is then calibrated on validation
 (split-conformal: a shift in log space at the finite-sample level ceil((n+1)0.9)/n), so about 90%
-of lengths fall under it. A second shift applies to apps the model has no history for; it is
-calibrated on validation rows of small apps (under 50 training rows, standing in for the long
-tail that new apps come from; all rows when fewer than 30) with their app history hidden.
+of lengths fall under it. The shift is fitted per fifth of the point estimate (Mondrian
+conformal, `calibration_bins`, at least 30 validation rows a bin): with one shift for every row,
+long predictions (code, the apps that run to the cap) were under-covered while short ones were
+over-covered; per bin (measured when it was introduced, 2026-12-06, on this profile), p90
+coverage on the test split's long-output apps rose from 77% to 86% and overall from 88.7% to
+90.9%, with the same point estimates. A second shift applies to apps the model has no history
+for; it is calibrated on validation rows of small apps (under 50 training rows, standing in for
+the long tail that new apps come from; all rows when fewer than 30) with their app history
+hidden.
 Outputs are clamped to [1, max_tokens] and the upper bound is never below the point estimate.
 
 A continuation (a run stopped at its predicted cap and requeued with `generated_so_far` tokens)

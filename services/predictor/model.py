@@ -74,6 +74,10 @@ class ModelConfig:
     colsample_bytree: float = 0.8
     early_stopping_rounds: int = 50
     quantile: float = 0.9
+    # The upper bound's calibration shift is fitted per bin of the point estimate (Mondrian
+    # split-conformal), so long predictions, whose spread is wider, are covered as often as
+    # short ones; each bin needs MIN_CALIBRATION_ROWS held-out rows, else one shift for all.
+    calibration_bins: int = 5
     # One thread: beside a busy engine two OpenMP threads on two cores fit 5x slower (measured).
     threads: int = 1
     seed: int = 0
@@ -165,6 +169,16 @@ class FittedModel:
     upper_log_offset_unseen: float = 0.0
     holdout_coverage_unseen: float = float("nan")
     extra: dict[str, Any] = field(default_factory=dict)
+    # Per-bin shifts for apps with history (see ModelConfig.calibration_bins): bin i holds point
+    # estimates in [edges[i-1], edges[i]). Empty: `upper_log_offset` for every row.
+    calibration_edges: tuple[float, ...] = ()
+    calibration_offsets: tuple[float, ...] = ()
+
+    def seen_offsets(self, point: FloatArray) -> FloatArray:
+        if not self.calibration_edges:
+            return np.full(len(point), self.upper_log_offset)
+        bins = np.searchsorted(np.asarray(self.calibration_edges), point, side="right")
+        return np.asarray(self.calibration_offsets, dtype=np.float64)[bins]
 
     def features(self, app_emb: F32Array, user_emb: F32Array, app_ids: Sequence[str],
                  user_ids: Sequence[str], input_tokens: IntArray) -> F32Array:
@@ -184,7 +198,7 @@ class FittedModel:
         raw = np.asarray(self.point.inplace_predict(x), dtype=np.float64)
         point = np.expm1(raw) if self.config.objective == "log-squared" else raw
         upper_log = np.asarray(self.upper.inplace_predict(x), dtype=np.float64)
-        offset = np.full(len(x), self.upper_log_offset)
+        offset = self.seen_offsets(point)
         if unseen is not None:
             offset[unseen] = self.upper_log_offset_unseen
         upper = np.expm1(upper_log + offset)
@@ -323,11 +337,35 @@ def fit_model(train: LabeledSet, holdout: LabeledSet, app_projection: Projection
 
     offset, coverage = calibrate(hx, hy)
     offset_unseen, coverage_unseen = calibrate(hx_unseen, hy[blind_rows])
-    digest.update(repr((offset, offset_unseen)).encode())
+    edges, offsets = calibrate_bins(*draft.predict_matrix(hx), hy, config)
+    if edges:
+        binned = replace(draft, calibration_edges=edges, calibration_offsets=offsets)
+        _, upper_h = binned.predict_matrix(hx)
+        coverage = float(np.mean(hy <= np.round(upper_h)))
+    digest.update(repr((offset, offset_unseen, edges, offsets)).encode())
     version = f"{version_prefix}-n{len(train)}-{digest.hexdigest()[:8]}"
     return replace(draft, version=version, upper_log_offset=offset, holdout_coverage=coverage,
                    upper_log_offset_unseen=offset_unseen,
-                   holdout_coverage_unseen=coverage_unseen)
+                   holdout_coverage_unseen=coverage_unseen, calibration_edges=edges,
+                   calibration_offsets=offsets)
+
+
+def calibrate_bins(point: FloatArray, upper: FloatArray, y: FloatArray, config: ModelConfig
+                   ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mondrian split-conformal: the held-out rows split into `calibration_bins` bins of equal
+    size by their (uncalibrated) point estimate, and one shift per bin, so each bin's coverage
+    is about the quantile rather than only the average over all rows. ((), ()) when there are
+    too few rows for every bin to have MIN_CALIBRATION_ROWS."""
+    bins = config.calibration_bins
+    if bins < 2 or len(y) < bins * MIN_CALIBRATION_ROWS:
+        return (), ()
+    edges = np.unique(np.quantile(point, np.arange(1, bins) / bins))
+    which = np.searchsorted(edges, point, side="right")
+    if min(int(np.sum(which == b)) for b in range(len(edges) + 1)) < MIN_CALIBRATION_ROWS:
+        return (), ()
+    offsets = tuple(calibrate_log_offset(y[which == b], upper[which == b], config.quantile)
+                    for b in range(len(edges) + 1))
+    return tuple(float(e) for e in edges), offsets
 
 
 # --- the predictor -------------------------------------------------------------------------
@@ -457,6 +495,8 @@ def save_artifact(model: FittedModel, path: Path) -> Path:
         "format": ARTIFACT_FORMAT, "version": model.version, "config": asdict(model.config),
         "embedder": asdict(model.embedder), "upper_log_offset": model.upper_log_offset,
         "upper_log_offset_unseen": model.upper_log_offset_unseen,
+        "calibration_edges": list(model.calibration_edges),
+        "calibration_offsets": list(model.calibration_offsets),
         "holdout_coverage_unseen": model.holdout_coverage_unseen,
         "n_train": model.n_train, "holdout_coverage": model.holdout_coverage,
         "app_history": _table_json(model.app_history),
@@ -528,5 +568,8 @@ def load_artifact(path: Path, threads: int | None = None) -> FittedModel:
             holdout_coverage=float(meta["holdout_coverage"]), app_neighbours=neighbours,
             upper_log_offset_unseen=float(meta["upper_log_offset_unseen"]),
             holdout_coverage_unseen=float(meta["holdout_coverage_unseen"]),
+            # Artifacts from before per-bin calibration have one shift for every row.
+            calibration_edges=tuple(float(e) for e in meta.get("calibration_edges", [])),
+            calibration_offsets=tuple(float(o) for o in meta.get("calibration_offsets", [])),
             extra=dict(meta.get("extra", {})),
         )

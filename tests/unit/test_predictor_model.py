@@ -17,6 +17,7 @@ from services.predictor.model import (
     FittedModel,
     LengthPredictor,
     ModelConfig,
+    calibrate_bins,
     calibrate_log_offset,
     clamp,
     fallback_ladder,
@@ -132,6 +133,26 @@ def test_calibration_hits_the_quantile() -> None:
     assert calibrate_log_offset(np.array([]), np.array([]), 0.9) == 0.0
 
 
+def test_per_bin_calibration_covers_long_predictions_as_often_as_short_ones() -> None:
+    # Spread grows with the point estimate: one shift for all rows over-covers the short ones
+    # and under-covers the long ones; one shift per bin of the point estimate covers each.
+    rng = np.random.default_rng(5)
+    point = rng.uniform(10, 400, 4000)
+    y = np.expm1(np.log1p(point) + rng.normal(0, 1, 4000) * (point / 200))
+    config = ModelConfig(calibration_bins=5)
+    edges, offsets = calibrate_bins(point[:2000], point[:2000], y[:2000], config)
+    assert len(edges) == 4 and len(offsets) == 5 and list(offsets) == sorted(offsets)
+    test_p, test_y = point[2000:], y[2000:]
+    one = calibrate_log_offset(y[:2000], point[:2000], 0.9)
+    binned = np.asarray(offsets)[np.searchsorted(edges, test_p, side="right")]
+    longest = test_p >= edges[-1]
+    assert np.mean(test_y[longest] <= np.expm1(np.log1p(test_p[longest]) + one)) < 0.85
+    assert 0.85 <= np.mean(test_y[longest] <= np.expm1(np.log1p(test_p[longest])
+                                                      + binned[longest])) <= 0.95
+    # Too few held-out rows for every bin: one shift, as before.
+    assert calibrate_bins(point[:100], point[:100], y[:100], config) == ((), ())
+
+
 def test_holdout_coverage_recorded(tiny_model: FittedModel) -> None:
     assert 0.85 <= tiny_model.holdout_coverage <= 1.0
 
@@ -195,7 +216,11 @@ def test_an_artifact_from_before_the_embedder_window_embeds_by_the_head(
         arrays = {k: z[k] for k in z.files}
     meta = json.loads(str(arrays["meta"]))
     del meta["embedder"]["window"]
+    del meta["calibration_edges"], meta["calibration_offsets"]
     arrays["meta"] = np.array(json.dumps(meta))
     np.savez(tmp_path / "old.npz", **arrays)
-    # It was trained on inputs cut to their head: serving must cut them the same way.
-    assert load_artifact(tmp_path / "old.npz").embedder.window == "head"
+    # It was trained on inputs cut to their head: serving must cut them the same way; and it
+    # was calibrated with one shift for every row.
+    old = load_artifact(tmp_path / "old.npz")
+    assert old.embedder.window == "head"
+    assert old.calibration_edges == () and old.calibration_offsets == ()
