@@ -53,18 +53,18 @@ import redis
 
 from bench.real_stack import machine
 from offline.launcher import Stack, free_port
-from offline.predictor.train import CACHE_ARTIFACT, COMMITTED_ARTIFACT
 from offline.workload.analysis import load_profile
 from offline.workload.arrivals import azure_trace_arrivals, gamma_arrivals, poisson_arrivals
 from offline.workload.catalog import load_apps, load_records
 from offline.workload.profile import DEFAULT_OUT as PROFILE
 from services.engine.base import ChatRequest
 from services.engine.vllm import VllmEngine
+from services.predictor.main import artifact_candidates
 from services.scheduler.capacity import DecodeCurve, saturation_concurrency
 from services.scheduler.registry import get_policy
 from shared import keys, state
 from shared.schemas import SamplingParams
-from shared.settings import REPO_ROOT, LauncherSettings
+from shared.settings import REPO_ROOT, LauncherSettings, PredictorSettings
 
 RESULTS = REPO_ROOT / "results"
 IMG = REPO_ROOT / "docs" / "img"
@@ -85,8 +85,9 @@ def base_policy(name: str) -> str:
 
 
 def current_artifact() -> Path:
-    """The artifact the predictor loads by default (its .cache copy, else the committed one)."""
-    return CACHE_ARTIFACT if CACHE_ARTIFACT.exists() else COMMITTED_ARTIFACT
+    """The artifact the predictor service would load with the stack's settings."""
+    candidates = artifact_candidates(PredictorSettings())
+    return next((p for p in candidates if p.exists()), candidates[-1])
 SLO_SLOWDOWN = 5.0
 SLO_TTFT_S = 10.0
 MAX_TOKENS = 512

@@ -305,41 +305,10 @@ class BatchClaim(Message):
 _ID_PATTERN = r"^[A-Za-z0-9._:@/-]{1,128}$"
 
 
-class SubmitRequest(BaseModel):
-    """The body of `POST /v1/requests`. Unknown fields are refused: a typo is not silently lost."""
-
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False, allow_inf_nan=False)
-    app_id: str = Field(pattern=_ID_PATTERN, description="application id")
-    instruction: str = Field(default="", max_length=8_000, description="app-level instruction")
-    input: str = Field(min_length=1, description="the user's input")
-    user_id: str = Field(default="anonymous", pattern=_ID_PATTERN)
-    max_tokens: int = Field(default=256, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    true_output_tokens: int | None = Field(default=None, ge=0)
-    ignore_eos: bool = Field(default=False, description="generate exactly max_tokens "
-                             "(benchmarks: every policy's lengths forced to known values)")
-
-    @field_validator("input")
-    @classmethod
-    def _input_not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("input must contain non-whitespace text")
-        return v
-
-    def sampling(self) -> SamplingParams:
-        defaults = SamplingParams()
-        return SamplingParams(
-            temperature=defaults.temperature if self.temperature is None else self.temperature,
-            top_p=defaults.top_p if self.top_p is None else self.top_p,
-            repetition_penalty=defaults.repetition_penalty,
-            ignore_eos=self.ignore_eos,
-        )
-
-
 class PredictBody(BaseModel):
-    """The body of `POST /v1/predict`: what a request would be, to have its length predicted
-    without running it (for a router, or vLLM's priority scheduling)."""
+    """What a request is, without how to run it: the body of `POST /v1/predict` (its length
+    predicted without running it, for a router or vLLM's priority scheduling), and the fields
+    every submission starts from. Unknown fields are refused: a typo is not silently lost."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False, allow_inf_nan=False)
     app_id: str = Field(pattern=_ID_PATTERN, description="application id")
@@ -356,8 +325,27 @@ class PredictBody(BaseModel):
         return v
 
     def as_submit(self) -> SubmitRequest:
-        return SubmitRequest(app_id=self.app_id, instruction=self.instruction, input=self.input,
-                             user_id=self.user_id, max_tokens=self.max_tokens)
+        """The same request with default sampling (validated as a submission would be)."""
+        return SubmitRequest(**{name: getattr(self, name) for name in PredictBody.model_fields})
+
+
+class SubmitRequest(PredictBody):
+    """The body of `POST /v1/requests`: the request and how to sample it."""
+
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    true_output_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool = Field(default=False, description="generate exactly max_tokens "
+                             "(benchmarks: every policy's lengths forced to known values)")
+
+    def sampling(self) -> SamplingParams:
+        defaults = SamplingParams()
+        return SamplingParams(
+            temperature=defaults.temperature if self.temperature is None else self.temperature,
+            top_p=defaults.top_p if self.top_p is None else self.top_p,
+            repetition_penalty=defaults.repetition_penalty,
+            ignore_eos=self.ignore_eos,
+        )
 
 
 class PredictResponse(BaseModel):
