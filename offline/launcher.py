@@ -35,7 +35,7 @@ from services.engine import get_engine
 from services.engine.base import ServerSpec
 from services.scheduler.main import pid_of_instance
 from services.scheduler.registry import get_policy
-from shared import keys
+from shared import keys, state
 from shared.redis_conn import connect
 from shared.settings import LauncherSettings, SchedulerSettings, child_environment
 
@@ -112,6 +112,8 @@ class Stack:
     gave_up: str | None = None
     # Service name -> the port it serves Prometheus metrics on (ingress: its API port).
     metrics_ports: dict[str, int] = field(default_factory=dict)
+    # This host's devices -> their cluster-wide GPU ids (allocated in Redis at start).
+    gpu_ids: dict[int, int] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
     _deaths: dict[str, list[float]] = field(default_factory=dict)
     _restart_at: dict[str, float] = field(default_factory=dict)
@@ -123,8 +125,8 @@ class Stack:
     def log_dir(self) -> Path:
         return self.settings.run_dir / "logs"
 
-    def engine_url(self, gpu: int) -> str:
-        return f"http://127.0.0.1:{self.settings.engine_base_port + gpu}"
+    def engine_url(self, device: int) -> str:
+        return f"http://127.0.0.1:{self.settings.engine_base_port + device}"
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str], cwd: Path | None = None
                ) -> Child:
@@ -162,14 +164,19 @@ class Stack:
         if self.settings.redis_url:
             self.redis_url = self.settings.redis_url
             return
-        port = free_port()
+        port = self.settings.redis_port or free_port()
         data_dir = self.settings.run_dir / "redis"
         data_dir.mkdir(parents=True, exist_ok=True)
         # Persisted: an append-only file fsynced every second, reloaded by the next start (and
         # by a restart under supervision, which reuses this command and so this port).
         durability = (["--appendonly", "yes", "--appendfsync", "everysec"]
                       if self.settings.redis_persist else ["--appendonly", "no"])
-        self._spawn("redis", [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+        # Bound beyond loopback only for a control plane that nodes on other hosts reach (a
+        # private network of the operator's): Redis would refuse them without a password.
+        exposed = (["--protected-mode", "no"]
+                   if self.settings.redis_bind not in ("127.0.0.1", "::1", "localhost") else [])
+        self._spawn("redis", [redis_server_binary(), "--port", str(port),
+                              "--bind", self.settings.redis_bind, *exposed,
                               "--save", "", *durability, "--dir", str(data_dir)], {})
         self.redis_url = f"redis://127.0.0.1:{port}/0"
 
@@ -181,30 +188,41 @@ class Stack:
         self.metrics_ports[name] = port
         return {"MAGNUS_METRICS_PORT": str(port)}
 
-    def start_engine(self, gpu: int) -> Child:
+    def start_engine(self, device: int) -> Child:
         s = self.settings
-        engine_dir = s.run_dir / f"engine{gpu}"
+        engine_dir = s.run_dir / f"engine{device}"
         (engine_dir / "tmp").mkdir(parents=True, exist_ok=True)  # the server's TMPDIR
         engine = get_engine(s.engine)
-        spec = ServerSpec.from_settings(s, gpu, work_dir=engine_dir)
+        spec = ServerSpec.from_settings(s, device, work_dir=engine_dir)
         env = {**self._common_env(), **engine.start_env(spec)}
-        return self._spawn(f"engine{gpu}", engine.start_command(spec), env, cwd=engine_dir)
+        return self._spawn(f"engine{device}", engine.start_command(spec), env, cwd=engine_dir)
 
-    def start_worker(self, gpu: int) -> Child:
+    def start_worker(self, device: int) -> Child:
+        """The Celery worker beside `device`'s engine, consuming its GPU's queue (the id this
+        node's device holds cluster-wide, `gpu_ids`)."""
         # Static: one batch at a time (solo pool). Continuous: groups admitted by the scheduler run
         # side by side on the engine (threads), so it stays fed as capacity frees.
         pool = (["--pool", "solo", "-c", "1"] if self.settings.engine_mode == "static"
                 else ["--pool", "threads", "-c", str(self.settings.continuous_worker_threads)])
+        gpu = self.gpu_ids[device]
+        node = self.settings.node
         cmd = [sys.executable, "-m", "celery", "-A", "services.worker.main", "worker",
-               "-Q", keys.celery_queue(gpu), *pool, "-n", f"gpu{gpu}@%h",
+               "-Q", keys.celery_queue(gpu, node), *pool, "-n", f"gpu{gpu}@{node}",
                "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
-        env = {**self._common_env(), "MAGNUS_GPU": str(gpu),
-               "MAGNUS_ENGINE_URL": self.engine_url(gpu),
-               **self._metrics_env(f"worker{gpu}", 10 + gpu)}
-        return self._spawn(f"worker{gpu}", cmd, env)
+        env = {**self._common_env(), "MAGNUS_GPU": str(gpu), "MAGNUS_NODE": node,
+               "MAGNUS_ENGINE_URL": self.engine_url(device),
+               **self._metrics_env(f"worker{device}", 10 + device)}
+        return self._spawn(f"worker{device}", cmd, env)
 
-    def start(self) -> None:
+    def start(self, control_plane: bool = True, gpu_node: bool = True) -> None:
+        """Start the stack's parts: the control plane (Redis unless REDIS_URL names one, the
+        predictor, the schedulers, ingress) and this host's GPU node (per device an engine and
+        its worker). `magnus run` starts both; `magnus control-plane` and `magnus node` one
+        each, on different hosts, joined by the Redis URL."""
         s = self.settings
+        assert control_plane or gpu_node, "start at least one part"
+        if not control_plane and not s.redis_url:
+            raise ValueError("a GPU node joins a control plane: set MAGNUS_REDIS_URL (--redis)")
         # Refuse an unknown policy before starting anything: a scheduler that exits at start-up
         # would leave a stack that looks ready and never dispatches.
         spec = get_policy(self.service_env.get("MAGNUS_POLICY") or SchedulerSettings().policy)
@@ -213,10 +231,28 @@ class Stack:
             self.settings = s = s.model_copy(update={"engine_scheduling_policy": "priority"})
         t0 = time.monotonic()
         self.start_redis()
-        connect(self.redis_url, s.redis_connect_timeout_s).close()
-        engines = [self.start_engine(g) for g in range(s.gpus)]
-        for g in range(s.gpus):
-            self.start_worker(g)
+        r = connect(self.redis_url, s.redis_connect_timeout_s)
+        try:
+            # Ids in device order, before any worker starts: a one-host stack's GPUs are
+            # 0..n-1 on a fresh Redis, and a node restarted under its name gets its own back.
+            self.gpu_ids = ({d: state.allocate_gpu_id(r, s.node, d) for d in s.local_devices}
+                            if gpu_node else {})
+        finally:
+            r.close()
+        engines = {d: self.start_engine(d) for d in self.gpu_ids}
+        for d in self.gpu_ids:
+            self.start_worker(d)
+        if control_plane:
+            self._start_control_plane()
+        for d, engine in engines.items():
+            get_engine(s.engine).wait_ready(self.engine_url(d), s.engine_ready_timeout_s,
+                                            alive=engine.alive)
+        self.wait_ready(s.engine_ready_timeout_s)
+        log.info("%s ready in %.0fs", "stack" if control_plane and gpu_node else
+                 "control plane" if control_plane else f"node {s.node}", time.monotonic() - t0)
+
+    def _start_control_plane(self) -> None:
+        s = self.settings
         env = self._common_env()
         self._spawn("predictor", [sys.executable, "-m", "services.predictor.main"],
                     {**env, **self._metrics_env("predictor", 0)})
@@ -224,27 +260,30 @@ class Stack:
             self._spawn(f"scheduler{i}", [sys.executable, "-m", "services.scheduler.main"],
                         {**env, **self._metrics_env(f"scheduler{i}", 1 + i)})
         self._spawn("ingress", [sys.executable, "-m", "services.ingress.app"],
-                    {**env, "MAGNUS_HOST": "127.0.0.1", "MAGNUS_PORT": str(s.ingress_port)})
-        self.ingress_url = f"http://127.0.0.1:{s.ingress_port}"
+                    {**env, "MAGNUS_HOST": s.ingress_host, "MAGNUS_PORT": str(s.ingress_port)})
+        host = "127.0.0.1" if s.ingress_host in ("0.0.0.0", "::") else s.ingress_host
+        self.ingress_url = f"http://{host}:{s.ingress_port}"
         self.metrics_ports["ingress"] = s.ingress_port
-        for g, engine in enumerate(engines):
-            get_engine(s.engine).wait_ready(self.engine_url(g), s.engine_ready_timeout_s,
-                                            alive=engine.alive)
-        self.wait_ready(s.engine_ready_timeout_s)
-        log.info("stack ready in %.0fs", time.monotonic() - t0)
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Until ingress answers /healthz, every GPU's worker has a fresh heartbeat, a
-        scheduler leads and this stack's predictor process has loaded its model."""
+        """Until every part this stack started serves: each of its GPUs' workers has a fresh
+        heartbeat; with the control plane, ingress answers /healthz, a scheduler leads and this
+        stack's predictor process has loaded its model."""
         r = connect(self.redis_url)
         deadline = time.monotonic() + timeout_s
+        names = {c.name for c in self.children}
         try:
             while time.monotonic() < deadline:
                 dead = [c.name for c in self.children if not c.alive()]
                 if dead:
                     raise RuntimeError(f"{', '.join(dead)} exited during start-up; see "
                                        f"{self.log_dir}")
-                beats = [r.exists(keys.worker_heartbeat(g)) for g in range(self.settings.gpus)]
+                beats = [r.exists(keys.worker_heartbeat(g)) for g in self.gpu_ids.values()]
+                if "ingress" not in names:
+                    if all(beats):
+                        return
+                    time.sleep(0.5)
+                    continue
                 try:
                     ok = httpx.get(f"{self.ingress_url}/healthz", timeout=2).status_code == 200
                 except httpx.HTTPError:

@@ -83,6 +83,17 @@ def request_text(request_id: str) -> str:
 TEXT_STREAM_MAXLEN = 20_000
 
 
+# The cluster's GPUs: GPU id (an integer unique across nodes, what every per-GPU key and the
+# scheduler's plans use) -> "<node>/<device>", the node that registered it and its device index
+# there (shared/state.py: allocate_gpu_id, register_gpu). The scheduler learns GPUs from here and
+# their liveness from their heartbeats.
+GPU_NODES = f"{PREFIX}:gpus"
+# The node name of a one-host stack (`magnus run`, docker-compose.yml).
+LOCAL_NODE = "local"
+# A node name: what a queue name and a Kubernetes pod name both accept.
+NODE_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+
+
 def gpu_inflight(gpu: int) -> str:
     """Hash of batch id -> Batch JSON dispatched to this GPU and not yet recorded as done."""
     return f"{PREFIX}:gpu:{gpu}:inflight"
@@ -99,5 +110,7 @@ def worker_heartbeat(gpu: int) -> str:
     return f"{PREFIX}:worker:{gpu}:heartbeat"
 
 
-def celery_queue(gpu: int) -> str:
-    return f"gpu.{gpu}"
+def celery_queue(gpu: int, node: str = LOCAL_NODE) -> str:
+    """The Celery queue of one GPU: named by its node too, so an operator reading the broker sees
+    where each queue's worker runs, and a node's queues are told apart from another's."""
+    return f"{node}.gpu.{gpu}"

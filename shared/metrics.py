@@ -49,7 +49,8 @@ REQUESTS_FINISHED = Counter(
     "magnus_requests_finished", "Requests that reached a final status",
     ["status", "tenant", "app"])
 REQUEST_RERUNS = Counter(
-    "magnus_request_reruns", "Runs lost (worker or engine died) and run again", ["cause"])
+    "magnus_request_reruns", "Runs lost (worker or engine died) and run again, or batches "
+    "never started on a silent GPU (cause=stranded) planned again", ["cause"])
 QUEUE_WAIT = Histogram(
     "magnus_queue_wait_seconds", "From acceptance to the start of the request's last run",
     ["gpu"], buckets=_SECONDS)

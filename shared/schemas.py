@@ -13,6 +13,8 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from shared import keys
+
 SCHEMA_VERSION = 1
 
 
@@ -224,6 +226,8 @@ class BatchItem(BaseModel):
 class Batch(Message):
     batch_id: str
     gpu: int = Field(ge=0)
+    # The node whose worker serves `gpu`: the batch goes to its queue (keys.celery_queue).
+    node: str = Field(default=keys.LOCAL_NODE, pattern=keys.NODE_NAME_PATTERN)
     policy: str
     items: list[BatchItem] = Field(min_length=1)
     estimated_service_s: float = Field(ge=0.0)
@@ -279,6 +283,8 @@ class CompletedEvent(Message):
 
 class WorkerHeartbeat(Message):
     gpu: int
+    # The node this GPU is on (its worker's queue is keys.celery_queue(gpu, node)).
+    node: str = Field(default=keys.LOCAL_NODE, pattern=keys.NODE_NAME_PATTERN)
     engine_url: str
     model: str
     kv_budget_tokens: int = Field(ge=0)

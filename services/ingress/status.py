@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import redis
 from pydantic import BaseModel
 
-from shared import keys, streams
+from shared import keys, state, streams
 from shared.schemas import Batch, RequestResult, RequestStatus, WorkerHeartbeat
 
 # Stages a request waits in before it runs, and those in which it holds an engine.
@@ -279,7 +279,8 @@ def read_snapshot(r: redis.Redis, gpus: int, now: float, window_s: float, bucket
         pipe.hmget(keys.request(rid), _OPEN_FIELDS)
     for res in results:
         pipe.hmget(keys.request(res.request_id), _FINISHED_FIELDS)
-    for g in range(gpus):
+    gpu_ids = state.known_gpus(r, gpus)  # every node's GPUs, as the scheduler sees them
+    for g in gpu_ids:
         pipe.hvals(keys.gpu_inflight(g))
         pipe.get(keys.worker_heartbeat(g))
     pipe.get(keys.PREDICTOR_HEARTBEAT)
@@ -307,8 +308,8 @@ def read_snapshot(r: redis.Redis, gpus: int, now: float, window_s: float, bucket
             continuations=int(continuations or 0)))
     rest = rest[len(results):]
     gpu_snapshots = []
-    for g in range(gpus):
-        raw_batches, raw_beat = rest[2 * g], rest[2 * g + 1]
+    for i, g in enumerate(gpu_ids):
+        raw_batches, raw_beat = rest[2 * i], rest[2 * i + 1]
         batches = []
         for raw in raw_batches:
             try:

@@ -178,7 +178,7 @@ class Scheduler:
         self.inflight = {
             gpu: {bid: Batch.model_validate_json(b)
                   for bid, b in self.r.hgetall(keys.gpu_inflight(gpu)).items()}
-            for gpu in range(self.settings.gpus)
+            for gpu in state.known_gpus(self.r, self.settings.gpus)
         }
         # Until their results arrive, count every member of an in-flight batch as holding KV.
         # A batch item does not record its admission's reservation; its prompt + predicted upper
@@ -234,9 +234,12 @@ class Scheduler:
         return len(entries)
 
     def live_gpus(self) -> dict[int, WorkerHeartbeat]:
-        raw = self.r.mget([keys.worker_heartbeat(g) for g in range(self.settings.gpus)])
+        """The GPUs whose worker beats now, on whichever node: the GPUs nodes registered, read
+        at every call, so a node that joins is planned for at its first heartbeat."""
+        gpus = state.known_gpus(self.r, self.settings.gpus)
+        raw = self.r.mget([keys.worker_heartbeat(g) for g in gpus])
         self.last_beats = {g: WorkerHeartbeat.model_validate_json(b)
-                           for g, b in enumerate(raw) if b}
+                           for g, b in zip(gpus, raw, strict=True) if b}
         return self.last_beats
 
     # --- decisions --------------------------------------------------------------------------
@@ -335,7 +338,8 @@ class Scheduler:
         items = [self._item(self.pool.pop(w.request_id), cap, priority)
                  for w, cap, priority in zip(dispatch.members, dispatch.token_caps,
                                              dispatch.engine_priorities, strict=True)]
-        batch = Batch(batch_id=uuid.uuid4().hex, gpu=dispatch.gpu, policy=self.settings.policy,
+        batch = Batch(batch_id=uuid.uuid4().hex, gpu=dispatch.gpu,
+                      node=self.last_beats[dispatch.gpu].node, policy=self.settings.policy,
                       items=items, estimated_service_s=dispatch.estimated_service_s,
                       formed_at=now)
         self.inflight.setdefault(dispatch.gpu, {})[batch.batch_id] = batch
@@ -366,8 +370,8 @@ class Scheduler:
         pipe.hincrby(keys.METRICS, "batches_dispatched", 1)
         pipe.execute()
         send_batch(self.celery, batch)
-        log.info("batch %s -> gpu %d: %d requests", batch.batch_id[:8], batch.gpu,
-                 len(batch.items))
+        log.info("batch %s -> gpu %d on %s: %d requests", batch.batch_id[:8], batch.gpu,
+                 batch.node, len(batch.items))
 
     def fail_stuck_batches(self, now: float) -> None:
         """A batch with no record long after dispatch died with its worker: fail its requests
@@ -425,7 +429,46 @@ class Scheduler:
                                                       s.orphan_after_s, self.leading_since):
                 reclaimed += self._rerun(gpu, batches[batch_id], raw_claims[batch_id],
                                          claims[batch_id].worker_id, now)
+            for batch_id in recovery.stranded_batches(set(raw_claims), set(batches), liveness,
+                                                      now, s.orphan_after_s, self.leading_since):
+                reclaimed += self._replan(gpu, batches[batch_id], now)
         return reclaimed
+
+    def _replan(self, gpu: int, batch: Batch, now: float) -> bool:
+        """Take a batch no worker started off its silent GPU and send its requests back through
+        the predictor to be planned onto live GPUs. They never ran, so this is no rerun (their
+        rerun count stays). Holds only if no worker claimed the batch meanwhile."""
+        running_key = keys.gpu_running(gpu)
+        ids = [i.request_id for i in batch.items]
+        with self.r.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(running_key, *[keys.request(i) for i in ids])
+                if pipe.hexists(running_key, batch.batch_id):
+                    return False
+                current = state.statuses(self.r, ids)
+                pipe.multi()
+                pipe.hdel(keys.gpu_inflight(gpu), batch.batch_id)
+                moved = 0
+                for item in batch.items:
+                    if current[item.request_id] != RequestStatus.SCHEDULED:
+                        continue  # cancelled meanwhile
+                    state.record_transition(
+                        pipe, item.request_id, RequestStatus.REQUEUED, now,
+                        requeue_reason=f"gpu {gpu} on node {batch.node} went silent before "
+                                       "starting its batch")
+                    streams.publish(pipe, streams.INCOMING, item.request)
+                    moved += 1
+                pipe.hincrby(keys.METRICS, "batches_replanned", 1)
+                pipe.execute()
+            except redis.WatchError:
+                return False
+        metrics.REQUEST_RERUNS.labels(cause="stranded").inc(moved)
+        del self.inflight[gpu][batch.batch_id]
+        for item in batch.items:
+            self.inflight_kv.get(gpu, {}).pop(item.request_id, None)
+        log.warning("batch %s on gpu %d (node %s) never started and its GPU is silent: %d "
+                    "requests planned again", batch.batch_id[:8], gpu, batch.node, moved)
+        return True
 
     def _rerun(self, gpu: int, batch: Batch, raw_claim: str, runner: str, now: float) -> bool:
         """Take `batch` out of flight and send its open members back through the predictor, in
@@ -489,7 +532,7 @@ class Scheduler:
     def export_gauges(self) -> None:
         """Prometheus gauges of what this leader holds (a standby reports nothing held)."""
         metrics.WAITING_REQUESTS.set(len(self.pool))
-        for gpu in range(self.settings.gpus):
+        for gpu in sorted(set(self.inflight) | set(self.last_beats)):
             held = self.inflight_kv.get(gpu, {})
             metrics.INFLIGHT_REQUESTS.labels(str(gpu)).set(
                 sum(len(b.items) for b in self.inflight.get(gpu, {}).values()))
@@ -499,7 +542,7 @@ class Scheduler:
 
     def export_standby_gauges(self) -> None:
         metrics.WAITING_REQUESTS.set(0)
-        for gpu in range(self.settings.gpus):
+        for gpu in sorted(set(self.inflight) | set(self.last_beats)):
             metrics.INFLIGHT_REQUESTS.labels(str(gpu)).set(0)
             metrics.KV_RESERVED_TOKENS.labels(str(gpu)).set(0)
 

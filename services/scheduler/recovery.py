@@ -13,7 +13,10 @@ A started batch is orphaned when
 - no worker has beaten for the GPU for `orphan_after_s` (the worker is gone, or gave up), or
 - the worker gave the batch back (`state.abandon_batch`: a claim dated 0, older than any live
   worker).
-A batch nobody started is still in its Celery queue: whichever worker comes next runs it.
+A batch nobody started is still in its Celery queue: whichever worker comes next runs it, unless
+its GPU has been silent for `orphan_after_s` (its node is gone, or its worker cannot start): then
+it is stranded, and its requests go back to be planned onto GPUs that live (`stranded_batches`).
+The claim refuses the stranded copy if that node comes back and its worker takes it.
 """
 
 from __future__ import annotations
@@ -50,8 +53,31 @@ def orphaned_batches(claims: Mapping[str, BatchClaim], inflight_batch_ids: set[s
         return sorted(b for b, c in started.items()
                       if c.worker_id != liveness.live_worker_id
                       and c.worker_started_at < liveness.live_worker_started_at)
-    silent_since = (liveness.last_beat_seen_at if liveness.last_beat_seen_at is not None
-                    else leading_since)
-    if now - silent_since < orphan_after_s:
+    if not _silent(liveness, now, orphan_after_s, leading_since):
         return []
     return sorted(started)
+
+
+def stranded_batches(claimed_batch_ids: set[str], inflight_batch_ids: set[str],
+                     liveness: GpuLiveness, now: float, orphan_after_s: float,
+                     leading_since: float) -> list[str]:
+    """Batch ids (of those in flight) that no worker started, on a GPU silent for
+    `orphan_after_s`: no worker will take them from that GPU's queue, so they are planned again.
+    A GPU whose worker beats keeps its queue, however long (the worker runs them in turn)."""
+    unstarted = inflight_batch_ids - claimed_batch_ids
+    if not unstarted or liveness.live_worker_id is not None:
+        return []
+    if not _silent(liveness, now, orphan_after_s, leading_since):
+        return []
+    return sorted(unstarted)
+
+
+def _silent(liveness: GpuLiveness, now: float, orphan_after_s: float,
+            leading_since: float) -> bool:
+    """No heartbeat for the GPU for `orphan_after_s` (since this scheduler took the lead, when
+    it never saw one)."""
+    if liveness.live_worker_id is not None:
+        return False
+    silent_since = (liveness.last_beat_seen_at if liveness.last_beat_seen_at is not None
+                    else leading_since)
+    return now - silent_since >= orphan_after_s

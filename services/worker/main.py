@@ -1,7 +1,8 @@
-"""The GPU worker process: a Celery worker on queue `gpu.<n>` beside one engine server.
+"""The GPU worker process: a Celery worker on its GPU's queue (`<node>.gpu.<id>`, keys.celery_queue)
+beside one engine server.
 
-    celery -A services.worker.main worker -Q gpu.0 --pool solo -c 1        (static mode)
-    celery -A services.worker.main worker -Q gpu.0 --pool threads -c 64    (continuous mode)
+    celery -A services.worker.main worker -Q local.gpu.0 --pool solo -c 1        (static mode)
+    celery -A services.worker.main worker -Q local.gpu.0 --pool threads -c 64    (continuous mode)
 
 Importing this module only builds the Celery app (`celery -A` needs `app` at import). Everything
 else (settings validation, the Redis connection, the engine) is made in Celery's `worker_init`
@@ -31,7 +32,7 @@ from celery.signals import worker_init, worker_ready, worker_shutdown
 from services.engine import get_engine
 from services.engine.base import Engine, KVCacheInfo
 from services.worker.runner import WorkerIdentity, run_batch_sync
-from shared import keys, metrics
+from shared import keys, metrics, state
 from shared.redis_conn import connect
 from shared.schemas import BatchRecord, WorkerHeartbeat
 from shared.settings import MagnusSettings, WorkerSettings
@@ -104,6 +105,7 @@ class WorkerContext:
         budget = s.kv_budget_tokens_override or (kv.kv_budget_tokens if kv else 0)
         beat = WorkerHeartbeat(
             gpu=s.gpu,
+            node=s.node,
             engine_url=s.engine_url,
             model=s.served_model_name,
             kv_budget_tokens=budget,
@@ -171,6 +173,8 @@ def _init_worker(**_: Any) -> None:
     global _context
     logging.getLogger("httpx").setLevel(logging.WARNING)
     _context = WorkerContext.create()
+    # Before anything is consumed: a GPU id another node holds is a configuration error.
+    state.register_gpu(_context.redis, _context.settings.gpu, _context.settings.node)
     metrics.serve(_context.settings.metrics_port)
     # worker_init fires before the consumer starts: nothing is taken from the queue until the
     # engine answers, and this process beats before it claims anything, so the scheduler knows

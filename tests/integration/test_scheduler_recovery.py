@@ -181,3 +181,73 @@ def test_a_batch_whose_members_were_all_cancelled_does_not_stop_a_new_leader(
     streams.publish(redis_client, streams.COMPLETED, CompletedEvent(kind="batch", batch=empty))
     first.observe_completions()
     assert redis_client.llen(keys.BATCH_RECORDS) == 1  # the new one is not kept
+
+
+def test_a_silent_gpus_unstarted_batch_is_planned_onto_a_live_node_and_never_run_twice(
+    redis_url: str, redis_client: redis.Redis, recording_celery: RecordingCelery,
+) -> None:
+    r = redis_client
+    # Fixed batches of 4: eight requests make one batch per GPU.
+    settings = SchedulerSettings(redis_url=redis_url, policy="fcfs-fixed", batch_size=4,
+                                 reclaim_interval_s=0.0, orphan_after_s=5.0, gpus=1)
+    scheduler = Scheduler(r, recording_celery, settings, instance_id="s")
+    assert scheduler.hold_leadership()
+    # Two nodes: node-a's GPU got id 0, node-b's id 1 (what `magnus node` allocates).
+    assert state.allocate_gpu_id(r, "node-a", 0) == 0
+    assert state.allocate_gpu_id(r, "node-b", 0) == 1
+    beat_b = heartbeat(1, worker_id="wb").model_copy(update={"node": "node-b"})
+    r.set(keys.worker_heartbeat(0), heartbeat(0, worker_id="wa").model_copy(
+        update={"node": "node-a"}).model_dump_json(), ex=keys.HEARTBEAT_TTL_S)
+    r.set(keys.worker_heartbeat(1), beat_b.model_dump_json(), ex=keys.HEARTBEAT_TTL_S)
+    for i in range(8):
+        p = predicted_request(i)
+        state.record_queued(r, p.request)
+        streams.publish(r, streams.PREDICTED, p)
+    t0 = time.time()
+    scheduler.tick(lambda: t0, block_ms=10)
+    queues = sorted(queue for _, _, queue in recording_celery.sent)
+    assert queues == ["node-a.gpu.0", "node-b.gpu.1"]  # each node's own queue
+    on_a = next(Batch.model_validate_json(a[0]) for _, a, q in recording_celery.sent
+                if q == "node-a.gpu.0")
+    assert on_a.node == "node-a"
+
+    r.delete(keys.worker_heartbeat(0))  # node-a is torn down before its worker took the batch
+    assert scheduler.reclaim_orphans(t0 + 1.0) == 0  # within the grace
+    assert scheduler.reclaim_orphans(t0 + 6.0) == 1
+    moved = [m for _, m in streams.read_range(r, streams.INCOMING)]
+    assert sorted(q.request_id for q in moved) == sorted(i.request_id for i in on_a.items)
+    assert all(q.reruns == 0 for q in moved)  # never ran: not a rerun
+    assert r.hlen(keys.gpu_inflight(0)) == 0
+    # node-a comes back and its worker takes the stale message: the claim refuses it.
+    assert not state.claim_batch(r, 0, on_a.batch_id, BatchClaim(
+        worker_id="wa2", worker_started_at=t0 + 7, claimed_at=t0 + 7))
+    # The moved requests, predicted again, go to node-b, the GPU that beats.
+    recording_celery.sent.clear()
+    for q in moved:
+        streams.publish(r, streams.PREDICTED, predicted_request(int(q.request_id.split("-")[1])))
+    r.hdel(keys.gpu_inflight(1), *r.hkeys(keys.gpu_inflight(1)))  # node-b finished its batch
+    scheduler.rebuild()
+    scheduler.tick(lambda: t0 + 7.0, block_ms=10)
+    assert [q for _, _, q in recording_celery.sent] == ["node-b.gpu.1"]
+
+
+def test_gpu_ids_are_unique_across_nodes_and_stable_for_a_node(redis_client: redis.Redis) -> None:
+    r = redis_client
+    assert [state.allocate_gpu_id(r, "a", d) for d in (0, 1)] == [0, 1]
+    assert state.allocate_gpu_id(r, "b", 0) == 2
+    assert state.allocate_gpu_id(r, "a", 1) == 1  # a restarted node gets its own ids back
+    state.register_gpu(r, 1, "a")  # its worker confirms the id
+    with pytest.raises(state.GpuIdTaken, match="belongs to a/0"):
+        state.register_gpu(r, 0, "b")
+    state.register_gpu(r, 7, "compose")  # an explicit id nobody holds is taken
+    assert state.known_gpus(r, local_gpus=1) == [0, 1, 2, 7]
+    r.hdel(keys.GPU_NODES, "0", "1", "2")  # freed ids are reused, lowest first
+    assert state.allocate_gpu_id(r, "c", 0) == 0
+
+
+def test_the_simulators_layout_is_what_nodes_joining_in_order_are_given(
+        redis_client: redis.Redis) -> None:
+    nodes = [("node0", 3), ("node1", 2)]
+    allocated = [state.GpuSlot(state.allocate_gpu_id(redis_client, node, d), node, d)
+                 for node, n in nodes for d in range(n)]
+    assert allocated == state.cluster_layout(nodes)

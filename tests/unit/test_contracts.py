@@ -106,7 +106,7 @@ def batch(gpu: int = 1) -> Batch:
 def test_send_batch_queues_the_batch_json_for_its_gpu() -> None:
     celery = RecordingCelery()
     send_batch(celery, batch(gpu=3))
-    assert celery.sent == [(RUN_BATCH_TASK, [batch(gpu=3).model_dump_json()], "gpu.3")]
+    assert celery.sent == [(RUN_BATCH_TASK, [batch(gpu=3).model_dump_json()], "local.gpu.3")]
     assert parse_batch(celery.sent[0][1][0]) == batch(gpu=3)
 
 

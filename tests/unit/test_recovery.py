@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.scheduler.recovery import GpuLiveness, orphaned_batches
+from services.scheduler.recovery import GpuLiveness, orphaned_batches, stranded_batches
 from shared.schemas import BatchClaim
 
 INFLIGHT = {"a", "b", "c"}
@@ -53,3 +53,23 @@ def test_without_a_heartbeat_batches_are_orphaned_only_after_the_grace() -> None
 def test_a_scheduler_that_never_saw_a_beat_waits_the_grace_from_taking_the_lead() -> None:
     assert orphans({"a": "w0"}, live=None, seen=None, leading_since=95.0) == []
     assert orphans({"a": "w0"}, live=None, seen=None, leading_since=70.0) == ["a"]
+
+
+def stranded(claimed: set[str], live: str | None, seen: float | None, now: float = 100.0,
+             leading_since: float = 0.0) -> list[str]:
+    liveness = GpuLiveness(live, STARTED[live] if live else 0.0, seen)
+    return stranded_batches(claimed, INFLIGHT, liveness, now, orphan_after_s=20.0,
+                            leading_since=leading_since)
+
+
+def test_unstarted_batches_stay_queued_while_their_gpu_beats_however_long() -> None:
+    assert stranded({"a"}, live="w1", seen=100.0, now=10_000.0) == []
+
+
+def test_unstarted_batches_of_a_gpu_silent_past_the_grace_are_planned_again() -> None:
+    # Its node is gone: nobody will take "b" and "c" from its queue; "a" started (an orphan).
+    assert stranded({"a"}, live=None, seen=90.0) == []  # silent 10 s of 20
+    assert stranded({"a"}, live=None, seen=79.0) == ["b", "c"]
+    assert stranded({"a", "b", "c"}, live=None, seen=0.0) == []
+    assert stranded(set(), live=None, seen=None, leading_since=95.0) == []
+    assert stranded(set(), live=None, seen=None, leading_since=70.0) == ["a", "b", "c"]

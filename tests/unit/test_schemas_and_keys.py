@@ -68,7 +68,8 @@ def test_key_names_are_distinct_and_prefixed() -> None:
              keys.worker_heartbeat(0), keys.gpu_inflight(1), keys.gpu_running(0)]
     assert len(set(names)) == len(names)
     assert all(n.startswith(keys.PREFIX + ":") for n in names)
-    assert keys.celery_queue(3) == "gpu.3"
+    assert keys.celery_queue(3) == "local.gpu.3"
+    assert keys.celery_queue(3, "node-b") == "node-b.gpu.3"
 
 
 def test_view_from_hash_reads_stage_timestamps_and_result() -> None:
