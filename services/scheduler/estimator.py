@@ -252,3 +252,28 @@ def _as_table(records: Sequence[ServiceRecord] | FloatArray) -> FloatArray:
     return np.array([(r.size, r.max_input_tokens, r.max_tokens, r.measured_s) for r in records],
                     dtype=np.float64).reshape(-1, 4)
 
+
+
+class PerGpuEstimators:
+    """The cluster's estimator and one per GPU: GPUs of different nodes may differ in speed
+    (an H100 beside an older card), so a decision for a GPU uses that GPU's own batches once it
+    has `min_records` of them, and every GPU's batches until then (a new node starts from what
+    the cluster knows, not from the cold-start model)."""
+
+    def __init__(self, min_records: int = 20) -> None:
+        assert min_records >= 1, "a GPU's own estimate needs records"
+        self.min_records = min_records
+        self.pooled = ServiceTimeEstimator()
+        self.by_gpu: dict[int, ServiceTimeEstimator] = {}
+
+    def observe(self, gpu: int, record: ServiceRecord) -> None:
+        self.pooled.observe(record)
+        self.by_gpu.setdefault(gpu, ServiceTimeEstimator()).observe(record)
+
+    def for_gpu(self, gpu: int) -> BatchTimeEstimator:
+        own = self.by_gpu.get(gpu)
+        return own if own is not None and len(own) >= self.min_records else self.pooled
+
+    def warm(self) -> dict[int, BatchTimeEstimator]:
+        """GPU -> its own estimator, for the GPUs that have enough records of their own."""
+        return {g: e for g, e in self.by_gpu.items() if len(e) >= self.min_records}

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 import redis
 
 from services.scheduler import capacity, fairness, planning, policy, recovery
-from services.scheduler.estimator import ServiceRecord, ServiceTimeEstimator
+from services.scheduler.estimator import PerGpuEstimators, ServiceRecord
 from shared import keys, metrics, state, streams
 from shared.lifecycle import start_service
 from shared.redis_conn import REDIS_DOWN, RedisOutage, connect
@@ -118,7 +118,7 @@ class Scheduler:
         self.inflight: dict[int, dict[str, Batch]] = {}
         # Continuous mode: KV tokens each in-flight request may hold (input + its run's cap).
         self.inflight_kv: dict[int, dict[str, int]] = {}
-        self.estimator = ServiceTimeEstimator()
+        self.estimators = PerGpuEstimators()
         self.decode_curve = load_decode_curve(settings)
         # Orphan detection (recovery.py): when each GPU's heartbeat was last seen, when this
         # scheduler took the lead (set at its first check), and when it last checked.
@@ -149,7 +149,7 @@ class Scheduler:
         self.leading_since = None
         self.pool.clear()
         self.sorted_pool = policy.pool_for(self.config)
-        self.estimator = ServiceTimeEstimator()
+        self.estimators = PerGpuEstimators()
         for raw in self.r.lrange(keys.BATCH_RECORDS, 0, -1):
             try:
                 record = BatchRecord.parse(raw)
@@ -157,7 +157,7 @@ class Scheduler:
                 log.warning("skipping an unreadable batch record: %s", exc)
                 continue
             if record.size > 0:  # every member cancelled: no service time to learn from
-                self.estimator.observe(ServiceRecord.from_batch_record(record))
+                self.estimators.observe(record.gpu, ServiceRecord.from_batch_record(record))
         ids = self.r.zrange(keys.SCHEDULER_WAITING, 0, -1)
         payloads = self.r.mget([keys.request_payload(i) for i in ids]) if ids else []
         for request_id, payload in zip(ids, payloads, strict=True):
@@ -228,7 +228,8 @@ class Scheduler:
                 if event.batch.size > 0:  # every member cancelled: no service to learn from
                     pipe.rpush(keys.BATCH_RECORDS, event.batch.model_dump_json())
                     pipe.ltrim(keys.BATCH_RECORDS, -keys.BATCH_RECORDS_MAXLEN, -1)
-                    self.estimator.observe(ServiceRecord.from_batch_record(event.batch))
+                    self.estimators.observe(event.batch.gpu,
+                                            ServiceRecord.from_batch_record(event.batch))
         self.completed.ack(pipe, [eid for eid, _ in entries])
         pipe.execute()
         return len(entries)
@@ -262,8 +263,8 @@ class Scheduler:
                                          self.settings.fair_share)
         if self.settings.fair_share and len(tenants) > 1:
             return [self._form(d, now) for d in self._plan_fair(gpus, now, staging, in_flight)]
-        dispatches = planning.plan(self.config, self.sorted_pool, gpus, now, self.estimator,
-                                   staging)
+        dispatches = planning.plan(self.config, self.sorted_pool, gpus, now,
+                                   self.estimators.pooled, staging, self.estimators.warm())
         for d in dispatches:  # one tenant waits: its counter still counts its service
             self._charge(d)
         return [self._form(d, now) for d in dispatches]
@@ -301,7 +302,7 @@ class Scheduler:
                                                 if rid not in taken
                                                 and p.request.tenant == tenant])
             planned = planning.plan(self.config, own, list(by_gpu.values()), now,
-                                    self.estimator, staging)
+                                    self.estimators.pooled, staging, self.estimators.warm())
             if not planned:
                 passed_over.add(tenant)
                 continue

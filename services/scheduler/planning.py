@@ -27,7 +27,7 @@ decision). Nothing else is touched: GPU states are snapshots and the estimator i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from services.scheduler import policy
@@ -77,8 +77,11 @@ class Dispatch:
 
 def plan(config: policy.PolicyConfig, pool: LengthSortedPool, gpus: Sequence[GpuState],
          now: float, estimator: BatchTimeEstimator,
-         staged_batches_per_gpu: int = 1) -> list[Dispatch]:
-    """The dispatches for this instant, in the order to send them (see the module docstring)."""
+         staged_batches_per_gpu: int = 1,
+         gpu_estimators: Mapping[int, BatchTimeEstimator] | None = None) -> list[Dispatch]:
+    """The dispatches for this instant, in the order to send them (see the module docstring).
+    `gpu_estimators`: a GPU's own batch-time estimator where it has one (GPUs may differ in
+    speed); its static batches are chosen and estimated with it, the others with `estimator`."""
     assert staged_batches_per_gpu >= 0, "negative staging"
     assert len({g.gpu for g in gpus}) == len(gpus), "a GPU listed twice"
     static = config.engine_mode == "static"
@@ -99,8 +102,9 @@ def plan(config: policy.PolicyConfig, pool: LengthSortedPool, gpus: Sequence[Gpu
             if not len(pool):
                 break
             if static:
+                own = (gpu_estimators or {}).get(gpu, estimator)
                 dispatch = _plan_static(config, pool, gpu, budgets[gpu], batches[gpu], now,
-                                        estimator, staged_batches_per_gpu)
+                                        own, staged_batches_per_gpu)
             elif _nothing_fits(config, pool, budgets[gpu], kv_held[gpu],
                                _free_slots(by_gpu[gpu], running[gpu])):
                 dispatch = None

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from bench.cost_model import EngineCostModel
 from bench.simulator import SimConfig, SimRequest, simulate
 from services.scheduler import planning
-from services.scheduler.estimator import ServiceTimeEstimator
+from services.scheduler.estimator import PerGpuEstimators, ServiceRecord, ServiceTimeEstimator
 from services.scheduler.planning import Dispatch, GpuState, plan
 from services.scheduler.policy import (
     GpuSnapshot,
@@ -63,6 +63,28 @@ def test_static_batch_records_caps_held_kv_and_demand() -> None:
     assert d.kv_demand_tokens == 4 * (33 + 20)  # padded: size x (max input + max cap)
     assert d.estimated_service_s > 0
     _check([d], waiting, left)
+
+
+def test_a_gpu_with_its_own_records_is_planned_with_its_own_speed() -> None:
+    # GPU 1 (another node's, slower) has served 20 batches at 4x GPU 0's time for the same work.
+    estimators = PerGpuEstimators(min_records=20)
+    for i in range(40):
+        gpu = i % 2
+        estimators.observe(gpu, ServiceRecord(size=8, max_input_tokens=32, max_tokens=10 + i,
+                                              measured_s=(1.0 if gpu == 0 else 4.0)))
+    assert set(estimators.warm()) == {0, 1}
+    assert estimators.for_gpu(7) is estimators.pooled  # a new GPU: the cluster's records
+    config = PolicyConfig(name="fcfs-fixed", engine_mode="static")
+    waiting = [waiting_request(i, predicted=60, queued_at=float(i), input_tokens=32)
+               for i in range(16)]
+    dispatches = plan(config, pool_for(config, waiting), [GpuState(0, 46_592),
+                                                          GpuState(1, 46_592)],
+                      100.0, estimators.pooled, staged_batches_per_gpu=0,
+                      gpu_estimators=estimators.warm())
+    by_gpu = {d.gpu: d.estimated_service_s for d in dispatches}
+    assert by_gpu[1] == pytest.approx(4 * by_gpu[0], rel=0.05)
+    pooled = estimators.pooled.estimate(8, 32, 60)  # beyond every record: neighbours of both
+    assert by_gpu[0] < pooled < by_gpu[1]
 
 
 def test_gpus_least_loaded_first() -> None:
