@@ -94,6 +94,8 @@ class QueueReport(BaseModel):
 
 class GpuReport(BaseModel):
     gpu: int
+    # The node it is on (its heartbeat's, else its batches'; None: neither is known).
+    node: str | None
     alive: bool
     busy: bool
     heartbeat_age_s: float | None
@@ -184,8 +186,9 @@ def _gpu(g: GpuSnapshot, open_ids: set[str], now: float) -> GpuReport:
     reserved = sum(i.input_tokens + i.request.generated_so_far + i.max_tokens for i in members)
     beat = g.heartbeat
     budget = beat.kv_budget_tokens if beat is not None else None
+    node = beat.node if beat is not None else (g.batches[0].node if g.batches else None)
     return GpuReport(
-        gpu=g.gpu, alive=beat is not None, busy=bool(beat and beat.busy),
+        gpu=g.gpu, node=node, alive=beat is not None, busy=bool(beat and beat.busy),
         heartbeat_age_s=None if beat is None else round(max(0.0, now - beat.at), 2),
         batches=len(g.batches), requests=len(members), kv_reserved_tokens=reserved,
         kv_budget_tokens=budget,

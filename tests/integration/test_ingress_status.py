@@ -76,8 +76,15 @@ def test_status_data_reads_queue_batches_heartbeats_and_results(
                            "chat": {"waiting": 1, "dispatched": 0}}
     assert q["by_tenant"] == {"default": {"waiting": 1, "dispatched": 1}}
     gpu0, gpu1 = data["gpus"]
-    assert not gpu0["alive"] and gpu0["batches"] == 0
+    assert not gpu0["alive"] and gpu0["batches"] == 0 and gpu0["node"] is None
     assert gpu1["alive"] and gpu1["batches"] == 1 and gpu1["requests"] == 1
+    assert gpu1["node"] == "local"
+    # A GPU another node registered shows too, with its node, before it ever beats.
+    state.register_gpu(redis_client, 2, "node-b")
+    redis_client.hset(keys.gpu_inflight(2), "b2", batch.model_copy(
+        update={"batch_id": "b2", "gpu": 2, "node": "node-b"}).model_dump_json())
+    gpus = client.get("/status/data").json()["gpus"]
+    assert [(g["gpu"], g["node"], g["alive"]) for g in gpus][2] == (2, "node-b", False)
     assert gpu1["kv_reserved_tokens"] == req.input_tokens + 16
     assert gpu1["kv_budget_tokens"] == 1000
     window = data["window"]
