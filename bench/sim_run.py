@@ -124,6 +124,11 @@ class Row:
     batches: int
     mean_batch_size: float
     busy_share: float  # engine busy time / (GPUs x makespan)
+    # The cluster as nodes (SimConfig.layout): how many, and the least and most busy node's
+    # share (work spread over the per-node queues).
+    nodes: int
+    node_busy_min: float
+    node_busy_max: float
     sim_s: float  # wall time of the simulation itself
     response_s: list[float]
 
@@ -134,12 +139,13 @@ class Row:
 
 def run_all(requests: Sequence[SimRequest], rate: float, gpus: int, cost: EngineCostModel,
             predictor: AppMeanPredictor, overheads: tuple[float, float],
-            modes: Sequence[tuple[EngineMode, Sequence[str]]]) -> list[Row]:
+            modes: Sequence[tuple[EngineMode, Sequence[str]]],
+            gpus_per_node: int = 8) -> list[Row]:
     rows: list[Row] = []
     for mode, policies in modes:
         for name in policies:
             config = SimConfig(PolicyConfig(name=name, engine_mode=mode),
-                               gpus=gpus,
+                               gpus=gpus, gpus_per_node=gpus_per_node,
                                predict_latency_s=overheads[0], dispatch_overhead_s=overheads[1])
             t0 = time.perf_counter()
             result = simulate(requests, config, cost, predictor)
@@ -154,10 +160,12 @@ def _row(result: SimResult, rate: float, gpus: int, sim_s: float) -> Row:
     response = sorted(o.finished_at - o.arrived_at for o in result.outcomes
                       if o.finished_at is not None)
     sizes = [b.size for b in result.batches]
+    by_node = result.busy_share_by_node(summary.makespan_s)
     return Row(summary=summary, gpus=gpus, preemptions=result.preemptions,
                batches=len(sizes), mean_batch_size=float(np.mean(sizes)) if sizes else 0.0,
                busy_share=sum(result.busy_s) / (gpus * summary.makespan_s),
-               sim_s=sim_s, response_s=response)
+               nodes=len(by_node), node_busy_min=min(by_node.values()),
+               node_busy_max=max(by_node.values()), sim_s=sim_s, response_s=response)
 
 
 def modes_for(policies_static: Sequence[str], policies_cont: Sequence[str]
@@ -376,8 +384,11 @@ def part_scale(ctx: Context) -> None:
         n, rate = a.scale_requests_per_gpu * gpus, a.rate * gpus
         reqs = sampled_workload(ctx.data, n, a.seed, rate, a.max_tokens)
         print(f"\n## scale: {gpus} GPUs, {n} requests, {rate}/s")
+        skip = set(filter(None, a.scale_skip.split(",")))
         these = run_all(reqs, rate, gpus, ctx.cost, ctx.predictor, ctx.overheads,
-                        modes_for(STATIC_POLICIES, FCFS_ENGINE_CONTINUOUS_POLICIES))
+                        modes_for([p for p in STATIC_POLICIES if p not in skip],
+                                  [p for p in FCFS_ENGINE_CONTINUOUS_POLICIES if p not in skip]),
+                        gpus_per_node=a.gpus_per_node)
         heads[str(gpus)] = headline(these)
         plot_cdf([r.summary for r in these], [r.response_s for r in these], f"{gpus} GPUs (sim)",
                  IMG / f"sim_cdf_{gpus}gpu.png")
@@ -391,11 +402,13 @@ def part_scale(ctx: Context) -> None:
 
 
 def _extras(rows: Sequence[Row]) -> str:
-    lines = ["| policy | mode | GPUs | rate/s | preemptions | batches | mean batch | busy |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r.summary.policy} | {r.summary.mode} | {r.gpus} | {r.summary.rate_per_s:g} "
-              f"| {r.preemptions} | {r.batches} | {r.mean_batch_size:.1f} | "
-              f"{r.busy_share:.0%} |" for r in rows]
+    lines = ["| policy | mode | GPUs (nodes) | rate/s | preemptions | batches | mean batch | busy "
+             "| node busy min-max |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.summary.policy} | {r.summary.mode} | {r.gpus} ({r.nodes}) | "
+              f"{r.summary.rate_per_s:g} | {r.preemptions} | {r.batches} | "
+              f"{r.mean_batch_size:.1f} | {r.busy_share:.0%} | "
+              f"{r.node_busy_min:.0%}-{r.node_busy_max:.0%} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -435,6 +448,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-requests", type=int, default=300)
     parser.add_argument("--scale-gpus", default="8,64")
     parser.add_argument("--scale-requests-per-gpu", type=int, default=600)
+    parser.add_argument("--scale-skip", default="",
+                        help="policies the scale runs leave out, comma-separated (prompt-hrrn "
+                             "at 64 GPUs ran over 15 minutes on one core without finishing)")
+    parser.add_argument("--gpus-per-node", type=int, default=4,
+                        help="the scale runs' cluster: nodes of this many GPUs, each GPU with "
+                             "its own <node>.gpu.<id> queue as `magnus node` lays them out "
+                             "(8 GPUs: 2 nodes, 64: 16)")
     # Latencies of the real stack outside the engine (see SimConfig).
     parser.add_argument("--predict-latency", type=float, default=0.05)
     parser.add_argument("--dispatch-overhead", type=float, default=0.03)

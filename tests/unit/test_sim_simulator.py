@@ -22,6 +22,7 @@ from bench.simulator import (
     simulate,
 )
 from services.scheduler.policy import PolicyConfig
+from shared import keys
 from tests.factories import FixedPredictor
 
 # Decode steps of 10 ms whatever the batch, prefill steps of 100 ms whatever the tokens: easy
@@ -263,3 +264,16 @@ def test_continuous_groups_wait_for_a_free_worker_thread() -> None:
     done = finished(result)
     # One thread: r1's group starts when r0's ends at 0.12, then 0.1 prefill + 1 decode step.
     assert done["r0"] == pytest.approx(0.12) and done["r1"] == pytest.approx(0.23)
+
+
+def test_batches_go_to_per_node_queues_as_the_real_cluster_lays_them_out() -> None:
+    # 10 GPUs in nodes of 4: node0 and node1 hold 4, node2 the last 2, ids in join order.
+    requests = [req(i, 0.01 * i, true=3) for i in range(40)]
+    result = run(requests, name="fcfs-fixed", gpus=10, gpus_per_node=4)
+    assert [(s.gpu, s.node, s.device) for s in result.config.layout][3:6] == [
+        (3, "node0", 3), (4, "node1", 0), (5, "node1", 1)]
+    assert {b.node for b in result.batches} == {"node0", "node1", "node2"}
+    for b in result.batches:
+        assert b.queue == keys.celery_queue(b.gpu, b.node)
+    shares = result.busy_share_by_node(max(finished(result).values()))
+    assert sorted(shares) == ["node0", "node1", "node2"] and all(v > 0 for v in shares.values())
