@@ -43,6 +43,7 @@ def parse_gpus(value: str) -> list[int]:
 def run(argv: list[str], part: str = "all") -> int:
     from offline.launcher import Stack
     from offline.model import SMOLLM2_DIR, convert_smollm2
+    from shared.redis_conn import redacted
 
     parser = argparse.ArgumentParser(prog=f"magnus {'run' if part == 'all' else part}")
     if part != "control-plane":
@@ -82,7 +83,7 @@ def run(argv: list[str], part: str = "all") -> int:
         stack.start_supervision()
         if part == "node":
             print(f"magnus: node {settings.node} ready: GPUs {stack.gpu_ids} (device: id) "
-                  f"serving for the control plane at {stack.redis_url}; logs in "
+                  f"serving for the control plane at {redacted(stack.redis_url)}; logs in "
                   f"{stack.log_dir}. Ctrl-C stops it; its unfinished batches are rerun "
                   "elsewhere.", flush=True)
             return _serve_until(stop, stack)
@@ -91,7 +92,7 @@ def run(argv: list[str], part: str = "all") -> int:
                    "second)" if settings.redis_persist else "; MAGNUS_REDIS_PERSIST=false: "
                    "nothing persists")
         print(f"magnus: ready. API at {stack.ingress_url}  (docs at {stack.ingress_url}/docs)\n"
-              f"  redis {stack.redis_url}{durable}; logs in {stack.log_dir}\n"
+              f"  redis {redacted(stack.redis_url)}{durable}; logs in {stack.log_dir}\n"
               "  a service that dies is restarted (see the log); Ctrl-C stops everything.\n"
               f"  try: curl -s -XPOST {stack.ingress_url}/v1/requests -H 'content-type: "
               "application/json' -d '{\"app_id\":\"qa\",\"instruction\":\"Answer in one "

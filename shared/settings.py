@@ -22,6 +22,11 @@ DEFAULT_CACHE_DIR = REPO_ROOT / ".cache"
 class MagnusSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MAGNUS_", extra="ignore")
 
+    # One Redis server (redis://[[user]:password@]host:port/db), or a primary with replicas
+    # behind Sentinel, which survives the loss of its primary:
+    # sentinel://[[user]:password@]host[:port][,host[:port]...]/master-name[/db]
+    # [?sentinel_password=...] (Sentinel ports default to 26379; the format in
+    # shared/redis_conn.py). Every service, the launcher and Celery take either form.
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
         validation_alias=AliasChoices("MAGNUS_REDIS_URL", "REDIS_URL"),
@@ -39,6 +44,17 @@ class MagnusSettings(BaseSettings):
     # own continuous batching runs underneath.
     engine_mode: Literal["static", "continuous"] = "static"
     redis_connect_timeout_s: float = Field(default=30.0, gt=0)
+    # Behind Sentinel, replication is asynchronous: a failover can lose writes the old primary
+    # acknowledged. Ingress answers 202 for a request only after waiting (Redis WAIT) up to
+    # redis_wait_timeout_ms for this many replicas to hold it. None: 1 with a sentinel:// URL, 0
+    # (no wait) with a single server. A request no replica acknowledged in time is still
+    # accepted (202; it is on the primary, as durable as a single server) and logged and
+    # counted (`requests_accepted_unreplicated` in /v1/metrics); one the failover already lost
+    # is refused with 503 (nothing was accepted). The timeout is what each acceptance costs
+    # while no replica is attached (e.g. after a failover, until the old primary returns as a
+    # replica).
+    redis_wait_replicas: int | None = Field(default=None, ge=0)
+    redis_wait_timeout_ms: int = Field(default=200, ge=1)
     # A request whose run is lost (its worker died mid-batch, its engine failed) runs again at
     # most this many times, then fails with the reason: a request that kills its engine must not
     # kill it forever. Read by the scheduler (dead workers) and the workers (engine errors).

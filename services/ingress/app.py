@@ -49,7 +49,7 @@ from services.ingress.core import (
 )
 from services.ingress.tokens import PromptCounter
 from shared import keys, metrics, state
-from shared.redis_conn import connect
+from shared.redis_conn import async_client, connect
 from shared.schemas import (
     PredictBody,
     PredictResponse,
@@ -241,9 +241,7 @@ def create_app(
                         "use every app and read every request", settings.host, settings.port)
         r = (redis_factory(settings) if redis_factory
              else connect(settings.redis_url, settings.redis_connect_timeout_s))
-        aredis = redis.asyncio.Redis.from_url(
-            settings.redis_url, decode_responses=True,
-            socket_connect_timeout=settings.redis_connect_timeout_s)
+        aredis = async_client(settings.redis_url, settings.redis_connect_timeout_s)
         app.state.ingress = IngressState(
             settings=settings, redis=r, aredis=aredis, tenants=tenants,
             counter=PromptCounter(settings.model_dir, get_engine(settings.engine)))

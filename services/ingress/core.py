@@ -3,6 +3,8 @@ Redis, queueing, reading a request back, cancelling one, and the error type hand
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import re
 import time
@@ -15,7 +17,7 @@ import redis.asyncio
 from fastapi import Depends, Request
 
 from services.ingress.tokens import PromptCounter
-from shared import keys, metrics, state, streams
+from shared import keys, metrics, redis_conn, state, streams
 from shared.schemas import (
     PredictAnswer,
     PredictBody,
@@ -27,6 +29,8 @@ from shared.schemas import (
 )
 from shared.settings import IngressSettings
 from shared.tenants import OPEN_TENANT, Tenant, TenantDirectory
+
+log = logging.getLogger("magnus.ingress")
 
 
 class ApiError(Exception):
@@ -185,7 +189,57 @@ def enqueue(ingress: IngressState, req: QueuedRequest, caller: Tenant) -> None:
     streams.publish(pipe, streams.INCOMING, req)
     pipe.hincrby(keys.METRICS, "requests_accepted", 1)
     pipe.execute()
+    await_replicas(ingress, req)
     metrics.REQUESTS_ACCEPTED.labels(tenant=req.tenant, app=req.app_id).inc()
+
+
+@dataclass
+class _Unreplicated:
+    """Requests accepted without a replica's acknowledgement since the last warning (one
+    warning at most every `every_s`: while no replica is attached, every request is one)."""
+
+    count: int = 0
+    warned_at: float = -math.inf
+    every_s: float = 10.0
+
+
+_unreplicated = _Unreplicated()
+
+
+def await_replicas(ingress: IngressState, req: QueuedRequest) -> None:
+    """Behind Sentinel: wait for a replica to hold the request just written (the durability
+    window of asynchronous replication; `redis_wait_*` settings). Replicated: done. On the
+    primary only (no replica acknowledged in time): accepted all the same, as durable as a
+    single server, logged and counted. Lost (a failover since the write): a 503, nothing was
+    accepted. Unknown (Redis stayed unreachable): a 503 that says to poll the id before
+    resubmitting."""
+    settings = ingress.settings
+    replicas = redis_conn.default_wait_replicas(settings.redis_url, settings.redis_wait_replicas)
+    if replicas == 0:
+        return
+    retry = {"Retry-After": str(settings.retry_after_s)}
+    try:
+        outcome = redis_conn.wait_for_replicas(
+            ingress.redis, keys.request(req.request_id), keys.REQUEST_TTL_S, replicas,
+            settings.redis_wait_timeout_ms, give_up_s=settings.redis_connect_timeout_s)
+    except redis_conn.REDIS_DOWN as exc:
+        raise ApiError(503, "body", f"the queue store failed while confirming request "
+                       f"{req.request_id}; it may or may not have been kept: GET "
+                       f"/v1/requests/{req.request_id} answers 404 if it was not (then "
+                       "resubmit)", headers=retry) from exc
+    if outcome is redis_conn.Durability.LOST:
+        raise ApiError(503, "body", "the queue store failed over and lost the request before "
+                       "a replica had it; nothing was accepted, retry shortly", headers=retry)
+    if outcome is redis_conn.Durability.PRIMARY_ONLY:
+        with contextlib.suppress(*redis_conn.REDIS_DOWN):
+            ingress.redis.hincrby(keys.METRICS, "requests_accepted_unreplicated", 1)
+        _unreplicated.count += 1
+        now = time.monotonic()
+        if now - _unreplicated.warned_at >= _unreplicated.every_s:
+            log.warning("%d request(s) accepted (last %s) that no Redis replica acknowledged "
+                        "within %d ms: a failover now would lose them", _unreplicated.count,
+                        req.request_id, settings.redis_wait_timeout_ms)
+            _unreplicated.count, _unreplicated.warned_at = 0, now
 
 
 def ask_predictor(ingress: IngressState, body: PredictBody, caller: Tenant) -> PredictResponse:
