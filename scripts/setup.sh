@@ -52,9 +52,9 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
   fi
 fi
 # kubectl renders the Kubernetes manifests (`kubectl kustomize`) for their offline validation
-# test. Not needed to serve; without it that test fails with the reason (it never skips). Debian's
-# own `kubernetes-client` (1.20) predates the `labels` and `patches` fields they use: install kubectl from the
-# Kubernetes or Google Cloud apt repository where the machine has none.
+# test. Not needed to serve; without it that test fails with the reason (it never skips).
+# Debian's own `kubernetes-client` (1.20) predates the `labels` and `patches` fields they use:
+# install kubectl from the Kubernetes or Google Cloud apt repository where the machine has none.
 if ! command -v kubectl >/dev/null 2>&1; then
   echo "[setup] no kubectl on PATH: tests/unit/test_k8s_manifests.py will fail until it is" \
        "installed (https://kubernetes.io/docs/tasks/tools/)" >&2
