@@ -211,3 +211,24 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         print(f"\nCI: engine tests must run on the real engine; ran "
               f"{len(_engine_outcomes['passed'])}, skipped {_engine_outcomes['skipped']}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# --- figures the fault tests report -----------------------------------------------------------
+# Requests submitted / completed / lost when a node, a Redis primary... is killed: printed in the
+# run's summary (a passing test's own output is captured and never shown).
+_reported: list[str] = []
+Report = Callable[[str], None]
+
+
+@pytest.fixture()
+def report(request: pytest.FixtureRequest) -> Report:
+    def add(line: str) -> None:
+        _reported.append(f"{request.node.name}: {line.strip()}")
+    return add
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _reported:
+        terminalreporter.section("figures the fault tests report")
+        for line in _reported:
+            terminalreporter.write_line(line)

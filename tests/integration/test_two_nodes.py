@@ -36,6 +36,7 @@ from shared import keys
 from shared.schemas import WorkerHeartbeat
 from shared.settings import REPO_ROOT, child_environment
 from shared.tenants import hash_key
+from tests.conftest import Report
 
 pytestmark = [pytest.mark.integration, pytest.mark.engine]
 
@@ -171,7 +172,7 @@ def short_dir() -> Iterator[Path]:
 
 
 def test_two_nodes_in_their_own_namespaces_share_work_and_one_dies_without_losing_any(
-        net: Net, short_dir: Path) -> None:
+        net: Net, short_dir: Path, report: Report) -> None:
     tmp_path = short_dir
     model_dir = build_tiny()
     tenants = tmp_path / "tenants.toml"
@@ -262,7 +263,7 @@ def test_two_nodes_in_their_own_namespaces_share_work_and_one_dies_without_losin
         views = [client.get(f"/v1/requests/{rid}").json() for rid in ids]
         statuses = Counter(v["status"] for v in views)
         lost = len(first) + len(second) - len(ids)
-        print(f"\ntwo nodes: submitted {len(first) + len(second)}, accepted {len(ids)}, "
+        report(f"two nodes: submitted {len(first) + len(second)}, accepted {len(ids)}, "
               f"completed {statuses['completed']}, failed {statuses['failed']}, "
               f"lost {len(ids) - sum(statuses.values())}, refused {lost}; node1 killed with "
               f"{len(in_flight_on_dying)} requests in flight, all final "
