@@ -22,7 +22,7 @@ bench-sweep: model
 	@$(PY) -m bench sweep
 
 bench-sim: setup
-	@$(PY) -m bench sim --scale-gpus 8  # 64 GPUs: --parts scale --scale-gpus 64 (about 10 min)
+	@$(PY) -m bench sim --scale-gpus 8  # 64 GPUs: --parts scale --scale-gpus 64 --scale-skip prompt-hrrn (about 10 min)
 
 profile-engine: model
 	@$(PY) -m bench profile-engine
