@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import argparse
+
 import pytest
 from pydantic import ValidationError
 
@@ -50,3 +52,24 @@ def test_redis_url_is_read_from_redis_url_or_the_magnus_prefix(
     assert SchedulerSettings().redis_url == "redis://example:1/2"
     monkeypatch.delenv("REDIS_URL")
     assert LauncherSettings().redis_url is None  # the launcher then starts an embedded Redis
+
+
+def test_a_node_is_named_and_given_devices_or_a_count() -> None:
+    from offline.cli import parse_gpus
+
+    assert parse_gpus("2") == [0, 1] and parse_gpus("0,3") == [0, 3] and parse_gpus("3,") == [3]
+    for bad in ("0", "x", "-1,2", ","):
+        with pytest.raises(argparse.ArgumentTypeError, match="--gpus"):
+            parse_gpus(bad)
+    node = LauncherSettings(node="gpu-a", devices=[2, 3], gpus=2, engine_base_port=8100)
+    assert node.local_devices == [2, 3]
+    assert LauncherSettings(gpus=2).local_devices == [0, 1]
+    for bad_node in ("GPU_A", "-a", "a" * 64):  # queue and pod names: lowercase, dashes inside
+        with pytest.raises(ValidationError, match="node"):
+            LauncherSettings(node=bad_node)
+        with pytest.raises(ValidationError, match="node"):
+            WorkerSettings(node=bad_node)
+    with pytest.raises(ValidationError, match="devices"):
+        LauncherSettings(devices=[1, 1])
+    with pytest.raises(ValidationError, match="ingress_port"):
+        LauncherSettings(devices=[5], engine_base_port=8000, ingress_port=8005)
