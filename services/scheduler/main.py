@@ -391,10 +391,16 @@ class Scheduler:
                 pipe.hdel(keys.gpu_inflight(gpu), batch_id)
                 pipe.hdel(keys.gpu_running(gpu), batch_id)
                 pipe.execute()
-                del batches[batch_id]
+                self._forget(gpu, batch)
                 for item in batch.items:
-                    self.inflight_kv.get(gpu, {}).pop(item.request_id, None)
                     metrics.finished(RequestStatus.FAILED, item.request.tenant, item.request.app_id)
+
+    def _forget(self, gpu: int, batch: Batch) -> None:
+        """The batch is no longer in flight (failed, rerun or planned again): its members stop
+        holding KV on the GPU."""
+        self.inflight.get(gpu, {}).pop(batch.batch_id, None)
+        for item in batch.items:
+            self.inflight_kv.get(gpu, {}).pop(item.request_id, None)
 
     # --- recovery -----------------------------------------------------------------------------
     def reclaim_orphans(self, now: float) -> int:
@@ -464,9 +470,7 @@ class Scheduler:
             except redis.WatchError:
                 return False
         metrics.REQUEST_RERUNS.labels(cause="stranded").inc(moved)
-        del self.inflight[gpu][batch.batch_id]
-        for item in batch.items:
-            self.inflight_kv.get(gpu, {}).pop(item.request_id, None)
+        self._forget(gpu, batch)
         log.warning("batch %s on gpu %d (node %s) never started and its GPU is silent: %d "
                     "requests planned again", batch.batch_id[:8], gpu, batch.node, moved)
         return True
@@ -513,9 +517,7 @@ class Scheduler:
         for tenant, app in failed_apps:
             metrics.finished(RequestStatus.FAILED, tenant, app)
         failed = len(failed_apps)
-        del self.inflight[gpu][batch.batch_id]
-        for item in batch.items:
-            self.inflight_kv.get(gpu, {}).pop(item.request_id, None)
+        self._forget(gpu, batch)
         log.warning("batch %s on gpu %d died with worker %s: %d requests rerun, %d failed",
                     batch.batch_id[:8], gpu, runner, rerun, failed)
         return True
