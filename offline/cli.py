@@ -87,6 +87,10 @@ def run(argv: list[str], part: str = "all") -> int:
                   f"{stack.log_dir}. Ctrl-C stops it; its unfinished batches are rerun "
                   "elsewhere.", flush=True)
             return _serve_until(stop, stack)
+        if part == "control-plane" and not settings.redis_url:
+            print(f"magnus: nodes join with --redis {redacted(stack.redis_url)} on an address "
+                  f"they reach (MAGNUS_REDIS_BIND), the password being the one in "
+                  f"{settings.run_dir / 'redis' / 'password'}", flush=True)
         durable = ("" if settings.redis_url else
                    f"; accepted requests persist in {settings.run_dir / 'redis'} (fsync every "
                    "second)" if settings.redis_persist else "; MAGNUS_REDIS_PERSIST=false: "

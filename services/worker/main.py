@@ -27,11 +27,11 @@ from typing import Any
 
 import httpx
 import redis
-from celery.signals import worker_init, worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_ready, worker_shutdown, worker_shutting_down
 
 from services.engine import get_engine
-from services.engine.base import Engine, KVCacheInfo
-from services.worker.runner import WorkerIdentity, run_batch_sync
+from services.engine.base import Engine, KVCacheInfo, engine_headers
+from services.worker.runner import Shutdown, WorkerIdentity, run_batch_sync
 from shared import keys, metrics, state
 from shared.redis_conn import connect
 from shared.schemas import BatchRecord, WorkerHeartbeat
@@ -52,6 +52,8 @@ class WorkerContext:
     # scheduler that batches an earlier one started died with it.
     identity: WorkerIdentity = field(default_factory=WorkerIdentity.of_this_process, init=False)
     stop: threading.Event = field(default_factory=threading.Event, init=False)
+    # Set when the worker is asked to stop: a batch in hand is finished or handed back.
+    stopping: threading.Event = field(default_factory=threading.Event, init=False)
     # Tasks running now: several at once in the threads pool (continuous mode).
     running_tasks: int = field(default=0, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -86,14 +88,18 @@ class WorkerContext:
         try:
             return run_batch_sync(self.redis, self.engine, s.engine_url, s.served_model_name,
                                   payload, s.engine_timeout_s, self.identity,
-                                  s.max_reruns, s.engine_ready_timeout_s)
+                                  s.max_reruns, s.engine_ready_timeout_s,
+                                  Shutdown(self.stopping, s.shutdown_handback_s),
+                                  s.engine_api_key)
         finally:
             with self._lock:
                 self.running_tasks -= 1
 
     def kv_info(self) -> KVCacheInfo | None:
         async def fetch() -> KVCacheInfo | None:
-            async with httpx.AsyncClient(base_url=self.settings.engine_url, timeout=10.0) as http:
+            async with httpx.AsyncClient(
+                    base_url=self.settings.engine_url, timeout=10.0,
+                    headers=engine_headers(self.settings.engine_api_key)) as http:
                 return await self.engine.kv_budget(http)
 
         return asyncio.run(fetch())
@@ -175,7 +181,7 @@ def _init_worker(**_: Any) -> None:
     _context = WorkerContext.create()
     # Before anything is consumed: a GPU id another node holds is a configuration error.
     state.register_gpu(_context.redis, _context.settings.gpu, _context.settings.node)
-    metrics.serve(_context.settings.metrics_port)
+    metrics.serve(_context.settings.metrics_port, _context.settings.metrics_host)
     # worker_init fires before the consumer starts: nothing is taken from the queue until the
     # engine answers, and this process beats before it claims anything, so the scheduler knows
     # it replaced whoever beat before (a dead predecessor's batches are rerun at once).
@@ -189,6 +195,15 @@ def _init_worker(**_: Any) -> None:
 @worker_ready.connect  # type: ignore[untyped-decorator]
 def _start_heartbeat(**_: Any) -> None:
     context().start_heartbeat()
+
+
+@worker_shutting_down.connect  # type: ignore[untyped-decorator]
+def _asked_to_stop(**_: Any) -> None:
+    # Celery's warm shutdown (SIGTERM) waits for the task in hand: it finishes it or, after
+    # shutdown_handback_s, hands its unfinished requests back (runner.Shutdown). Called in the
+    # signal handler: only an Event is set here.
+    if _context is not None:
+        _context.stopping.set()
 
 
 @worker_shutdown.connect  # type: ignore[untyped-decorator]

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -21,7 +22,13 @@ from typing import Any
 import httpx
 import redis
 
-from services.engine.base import ChatRequest, Engine, EngineError, StreamChunk
+from services.engine.base import (
+    ChatRequest,
+    Engine,
+    EngineError,
+    StreamChunk,
+    engine_headers,
+)
 from shared import keys, metrics, state, streams
 from shared.redis_conn import REDIS_DOWN, call_retrying, execute_retrying
 from shared.schemas import (
@@ -260,9 +267,55 @@ def claim(r: redis.Redis, batch: Batch, worker: WorkerIdentity) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class Shutdown:
+    """The worker was asked to stop (`asked` set): a running batch gets `handback_s` more, then
+    what is still generating is aborted and handed back (`post_handback`)."""
+
+    asked: threading.Event
+    handback_s: float
+
+
+def post_handback(r: redis.Redis, req: QueuedRequest, batch: Batch, started: float) -> None:
+    """A run aborted because its worker is stopping: the request goes back through the
+    predictor (requeued, visibly waiting, not counted as a rerun: nothing went wrong with it).
+    The `requeued` event frees its slot in the scheduler's books."""
+    if _already_final(r, req.request_id):
+        return
+    now = time.time()
+    partial = RequestResult(
+        request_id=req.request_id, batch_id=batch.batch_id, gpu=batch.gpu,
+        text=req.continuation, input_tokens=req.input_tokens,
+        generated_tokens=req.generated_so_far, finish_reason="error",
+        error="handed back: its worker stopped", started_at=started, finished_at=now)
+
+    def build(pipe: redis.client.Pipeline) -> None:
+        state.record_rerun(pipe, req.request_id, now, req.reruns, "its worker stopped")
+        streams.publish(pipe, streams.INCOMING, req)
+        streams.publish(pipe, streams.COMPLETED, CompletedEvent(kind="requeued", result=partial))
+        pipe.hincrby(keys.METRICS, "handed_back", 1)
+
+    execute_retrying(r, build)
+
+
+async def _hand_back_on_shutdown(shutdown: Shutdown, items: list[BatchItem],
+                                 tasks: list[asyncio.Task[RequestResult]],
+                                 generating: set[str], handed: set[str]) -> None:
+    """Once the worker is asked to stop and `handback_s` has passed, abort every engine run
+    still going and note its request in `handed`."""
+    while not shutdown.asked.is_set():
+        await asyncio.sleep(CANCEL_POLL_S)
+    await asyncio.sleep(shutdown.handback_s)
+    for item, task in zip(items, tasks, strict=True):
+        if item.request_id in generating and not task.done():
+            log.info("request %s: its worker is stopping; handing it back", item.request_id)
+            handed.add(item.request_id)
+            task.cancel()
+
+
 async def run_batch(
     r: redis.Redis, engine: Engine, engine_url: str, model: str, batch: Batch, timeout_s: float,
-    max_reruns: int = 0,
+    max_reruns: int = 0, shutdown: Shutdown | None = None, api_key: str | None = None,
 ) -> BatchRecord:
     started = time.time()
     current = call_retrying(lambda: state.statuses(r, [i.request_id for i in batch.items]))
@@ -277,12 +330,20 @@ async def run_batch(
 
     execute_retrying(r, running)
 
+    # Requests whose engine run is under way: only those are handed back at shutdown (one whose
+    # result is being posted finishes; cancelling it then could post it twice).
+    generating: set[str] = set()
     limits = httpx.Limits(max_connections=len(batch.items) + 2)
     publisher = TextPublisher(r) if any(i.request.stream for i in live) else None
-    async with httpx.AsyncClient(base_url=engine_url, timeout=timeout_s, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=engine_url, timeout=timeout_s, limits=limits,
+                                 headers=engine_headers(api_key)) as http:
 
         async def run_and_post(item: BatchItem) -> RequestResult:
-            result = await _run_item(engine, http, model, batch, item, publisher)
+            generating.add(item.request_id)
+            try:
+                result = await _run_item(engine, http, model, batch, item, publisher)
+            finally:
+                generating.discard(item.request_id)
             if publisher is not None and item.request.stream:
                 await publisher.flush()  # the text before the result that ends it
             if result.finish_reason == "error" and item.request.reruns < max_reruns:
@@ -304,11 +365,16 @@ async def run_batch(
         if publisher is not None:
             publisher.start()
         tasks = [asyncio.create_task(run_and_post(i)) for i in live]
-        watcher = asyncio.create_task(_abort_cancelled(r, live, tasks))
+        watchers = [asyncio.create_task(_abort_cancelled(r, live, tasks))]
+        handed: set[str] = set()
+        if shutdown is not None:
+            watchers.append(asyncio.create_task(
+                _hand_back_on_shutdown(shutdown, live, tasks, generating, handed)))
         try:
             outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            watcher.cancel()
+            for watcher in watchers:
+                watcher.cancel()
             if publisher is not None:
                 await publisher.stop()
 
@@ -316,6 +382,9 @@ async def run_batch(
         if isinstance(outcome, BaseException) and not isinstance(outcome,
                                                                  asyncio.CancelledError):
             raise outcome
+    for item, outcome in zip(live, outcomes, strict=True):
+        if item.request_id in handed and isinstance(outcome, asyncio.CancelledError):
+            post_handback(r, item.request, batch, started)
     ran = [(item, res) for item, res in zip(live, outcomes, strict=True)
            if isinstance(res, RequestResult)]
     finished = time.time()
@@ -402,7 +471,9 @@ def fail_unreadable_batch(r: redis.Redis, payload: str | bytes | Mapping[str, An
 def run_batch_sync(r: redis.Redis, engine: Engine, engine_url: str, model: str,
                    payload: str | bytes | Mapping[str, Any], timeout_s: float,
                    worker: WorkerIdentity, max_reruns: int = 0,
-                   engine_ready_timeout_s: float = 600.0) -> BatchRecord | None:
+                   engine_ready_timeout_s: float = 600.0,
+                   shutdown: Shutdown | None = None,
+                   api_key: str | None = None) -> BatchRecord | None:
     """Run one batch; None when it was not this worker's to run (see `claim`). A batch waits
     for its engine first (one /health call when it serves): the reruns of an engine that
     failed must not fail again while it restarts."""
@@ -417,7 +488,7 @@ def run_batch_sync(r: redis.Redis, engine: Engine, engine_url: str, model: str,
     try:
         engine.wait_ready(engine_url, engine_ready_timeout_s)
         return asyncio.run(run_batch(r, engine, engine_url, model, batch, timeout_s,
-                                     max_reruns))
+                                     max_reruns, shutdown, api_key))
     except Exception:
         # Anything unexpected mid-batch (Redis gone for longer than the writes retry, a bug):
         # give the batch back, so the scheduler reruns its open requests now rather than leave
