@@ -35,7 +35,7 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,7 @@ from bench.report import update
 from offline.launcher import Stack, free_port
 from shared import keys, streams
 from shared.schemas import SamplingParams
-from shared.settings import REPO_ROOT, LauncherSettings
+from shared.settings import REPO_ROOT, LauncherSettings, child_environment
 
 RESULTS = REPO_ROOT / "results" / "crosscheck.json"
 SWEEP = REPO_ROOT / "results" / "load_sweep.json"
@@ -103,11 +103,11 @@ def one_turn(req: Req) -> Req:
                req.true_tokens, req.prompt_tokens)
 
 
-def warm_up(base_url: str, model: str) -> None:
+def warm_up(base_url: str, model: str, headers: Mapping[str, str] | None = None) -> None:
     """One short chat request, answered before the measured run: `vllm bench serve` sends one
     too (its initial test run), so the harness does the same and neither client's first
     requests pay a cold path the other's do not."""
-    resp = httpx.post(f"{base_url}/v1/chat/completions", timeout=300, json={
+    resp = httpx.post(f"{base_url}/v1/chat/completions", timeout=300, headers=headers, json={
         "model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "Hello"}]})
     resp.raise_for_status()
 
@@ -122,8 +122,10 @@ def harness_row(server: str, outcomes: Sequence[Outcome], rate: float, wall_s: f
 
 
 def vllm_bench(base_url: str, model: str, tokenizer: Path, dataset: Path, rate: float, n: int,
-               seed: int, out_dir: Path, name: str) -> dict[str, Any]:
-    """Run `vllm bench serve` (its module, in a child process) and return its result JSON."""
+               seed: int, out_dir: Path, name: str, api_key: str | None = None
+               ) -> dict[str, Any]:
+    """Run `vllm bench serve` (its module, in a child process) and return its result JSON
+    (`api_key`: the server's bearer key, which it sends from OPENAI_API_KEY)."""
     cmd = [sys.executable, "-m", "bench", "vllm-serve", "--backend", "openai-chat",
            "--base-url", base_url, "--endpoint", "/v1/chat/completions", "--model", model,
            "--tokenizer", str(tokenizer), "--dataset-name", "custom",
@@ -139,7 +141,8 @@ def vllm_bench(base_url: str, model: str, tokenizer: Path, dataset: Path, rate: 
            "--save-result", "--save-detailed", "--result-dir", str(out_dir),
            "--result-filename", f"{name}.json"]
     print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO_ROOT)
+    subprocess.run(cmd, check=True, cwd=REPO_ROOT,
+                   env=child_environment({"OPENAI_API_KEY": api_key} if api_key else {}))
     result: dict[str, Any] = json.loads((out_dir / f"{name}.json").read_text())
     return result
 
@@ -251,14 +254,15 @@ def main(argv: list[str] | None = None) -> int:
         engine_url, model = stack.engine_url(0), settings.served_model_name
         servers = args.servers.split(",")
         if "vllm" in servers:
-            warm_up(engine_url, model)
+            warm_up(engine_url, model, stack.engine_headers())
             t0 = time.time()
-            outs = asyncio.run(drive_direct(engine_url, model, reqs, offsets, args.timeout))
+            outs = asyncio.run(drive_direct(engine_url, model, reqs, offsets, args.timeout,
+                                            stack.engine_headers()))
             rows.append(harness_row("vllm", outs, rate, time.time() - t0))
             print(table(rows[-1:], {}), flush=True)
             t0 = time.time()
             result = vllm_bench(engine_url, model, settings.model_dir, dataset, rate, n,
-                                args.seed, work, "vllm")
+                                args.seed, work, "vllm", stack.engine_api_key)
             rows.append(bench_row("vllm", result, time.time() - t0))
             send_errors["vllm"] = send_time_error(result, offsets)
 

@@ -172,12 +172,14 @@ def machine_info() -> dict[str, Any]:
 
 
 async def profile(url: str, model: str, points: Sequence[tuple[int, int]], max_tokens: int,
-                  repeats: int, seed: int) -> list[dict[str, Any]]:
+                  repeats: int, seed: int, headers: dict[str, str] | None = None
+                  ) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     biggest = max((b for b, _ in points), default=1)
     limits = httpx.Limits(max_connections=biggest + 4)
     out: list[dict[str, Any]] = []
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits,
+                                 headers=headers) as http:
         # Warm-up: the first requests after start pay one-off allocation costs.
         for length in sorted({length for _, length in points}):
             await run_point(http, model, 2, length, 8, rng)
@@ -238,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("engine ready in %.0fs, KV %s tokens; %d points (%d skipped)", ready_s,
                  kv_tokens, len(points), len(skipped))
         measured = asyncio.run(profile(url, settings.served_model_name, points,
-                                       args.max_tokens, args.repeats, args.seed))
+                                       args.max_tokens, args.repeats, args.seed,
+                                       stack.engine_headers() if stack is not None else None))
     finally:
         if stack is not None:
             stack.stop()

@@ -42,7 +42,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,11 +233,14 @@ async def _direct_one(engine: VllmEngine, http: httpx.AsyncClient, model: str, i
 
 
 async def drive_direct(engine_url: str, model: str, reqs: Sequence[Req],
-                       offsets: Sequence[float], timeout_s: float) -> list[Outcome]:
-    """Plain vLLM: every request streamed straight to the engine at its arrival time."""
+                       offsets: Sequence[float], timeout_s: float,
+                       headers: Mapping[str, str] | None = None) -> list[Outcome]:
+    """Plain vLLM: every request streamed straight to the engine at its arrival time
+    (`headers`: the engine's key, `Stack.engine_headers`)."""
     engine = VllmEngine()
     limits = httpx.Limits(max_connections=len(reqs) + 4)
-    async with httpx.AsyncClient(base_url=engine_url, timeout=timeout_s, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=engine_url, timeout=timeout_s, limits=limits,
+                                 headers=headers) as http:
         start = time.time()
 
         async def one(i: int) -> Outcome:
@@ -248,7 +251,8 @@ async def drive_direct(engine_url: str, model: str, reqs: Sequence[Req],
 
 
 async def drive_closed_loop(engine_url: str, model: str, reqs: Sequence[Req], concurrency: int,
-                            timeout_s: float) -> tuple[list[Outcome], float]:
+                            timeout_s: float, headers: Mapping[str, str] | None = None
+                            ) -> tuple[list[Outcome], float]:
     """The saturation run: `concurrency` clients, each sending its next request the moment its
     last one finishes, so the engine holds `concurrency` requests throughout. Returns the
     outcomes and the time the last request was sent."""
@@ -257,7 +261,8 @@ async def drive_closed_loop(engine_url: str, model: str, reqs: Sequence[Req], co
     todo = iter(enumerate(reqs))
     outcomes: list[Outcome] = []
     last_sent = 0.0
-    async with httpx.AsyncClient(base_url=engine_url, timeout=timeout_s, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=engine_url, timeout=timeout_s, limits=limits,
+                                 headers=headers) as http:
 
         async def client() -> None:
             nonlocal last_sent
@@ -513,7 +518,8 @@ def run_plan(plan: Plan, pool: Sequence[Req], capacity: float | None, args: argp
         r = redis.Redis.from_url(stack.redis_url, decode_responses=True)
         engine_url = stack.engine_url(0)
         if capacity is None:  # the saturation runs, on the first (full KV, FCFS) engine
-            capacity = measure_serving_curve(engine_url, settings.served_model_name, pool, args)
+            capacity = measure_serving_curve(engine_url, settings.served_model_name, pool, args,
+                                             stack.engine_headers())
         for kind, load in plan.points:
             rate = capacity * load if kind != "burst" else 0.0
             n = (args.burst_requests if kind == "burst"
@@ -527,7 +533,8 @@ def run_plan(plan: Plan, pool: Sequence[Req], capacity: float | None, args: argp
                 t0 = time.time()
                 if policy == DIRECT:
                     outs = asyncio.run(drive_direct(engine_url, settings.served_model_name,
-                                                    reqs, offsets, args.timeout))
+                                                    reqs, offsets, args.timeout,
+                                                    stack.engine_headers()))
                 else:
                     env = {"MAGNUS_POLICY": base_policy(policy),
                            "MAGNUS_RETRAIN_EVERY": "1000000",
@@ -558,7 +565,8 @@ def run_plan(plan: Plan, pool: Sequence[Req], capacity: float | None, args: argp
 
 
 def measure_serving_curve(engine_url: str, model: str, pool: Sequence[Req],
-                          args: argparse.Namespace) -> float:
+                          args: argparse.Namespace,
+                          headers: Mapping[str, str] | None = None) -> float:
     """Closed loops at each of `--curve-concurrency` (plain vLLM, the workload's requests):
     steady-state completions and output tokens per second. Writes the curve the scheduler's
     concurrency cap is read from (results/serving_curve_cpu.json) and returns the capacity in
@@ -573,7 +581,7 @@ def measure_serving_curve(engine_url: str, model: str, pool: Sequence[Req],
         reqs = random.Random(args.seed + level).sample(list(pool), n)
         t0 = time.time()
         outs, last_sent = asyncio.run(drive_closed_loop(engine_url, model, reqs, level,
-                                                        args.timeout))
+                                                        args.timeout, headers))
         rps, tps = steady_window(outs, level, last_sent)
         points.append({"concurrency": level, "requests": n, "completions_per_s": rps,
                        "output_tokens_per_s": tps})

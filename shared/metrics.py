@@ -105,18 +105,19 @@ def finished(status: RequestStatus, tenant: str, app: str) -> None:
     REQUESTS_FINISHED.labels(status=status.value, tenant=tenant, app=app).inc()
 
 
-def serve(port: int | None) -> bool:
-    """Serve this process's metrics on `port` (a background thread); nothing when None. A port
-    already taken (another exporter on the host) is logged, not fatal: a service must not die,
-    and be restarted in a loop, for its metrics."""
+def serve(port: int | None, host: str = "127.0.0.1") -> bool:
+    """Serve this process's metrics on `host`:`port` (a background thread); nothing when port
+    is None. A port already taken (another exporter on the host) is logged, not fatal: a
+    service must not die, and be restarted in a loop, for its metrics."""
     if port is None:
         return False
     try:
-        start_http_server(port, addr="0.0.0.0")
+        start_http_server(port, addr=host)
     except OSError as exc:
-        log.error("metrics not served: port %d: %s (set MAGNUS_METRICS_BASE_PORT)", port, exc)
+        log.error("metrics not served: %s:%d: %s (set MAGNUS_METRICS_BASE_PORT)", host, port,
+                  exc)
         return False
-    log.info("metrics on :%d/metrics", port)
+    log.info("metrics on %s:%d/metrics", host, port)
     return True
 
 

@@ -74,13 +74,14 @@ def select(per_core_app: int, per_other_app: int, workload: Path = DEFAULT_DIR,
 
 async def profile(engine_url: str, model: str, todo: list[dict[str, str]], partial: Path,
                   max_tokens: int, concurrency: int, sampling: SamplingParams,
-                  engine_name: str = "vllm") -> None:
+                  engine_name: str = "vllm", headers: dict[str, str] | None = None) -> None:
     engine = get_engine(engine_name)
     sem = asyncio.Semaphore(concurrency)
     done = 0
     started = time.monotonic()
     limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=engine_url, timeout=1800, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=engine_url, timeout=1800, limits=limits,
+                                 headers=headers) as http:
 
         async def one(rec: dict[str, str], out: object) -> None:
             nonlocal done
@@ -205,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if todo:
             asyncio.run(profile(engine_url, settings.served_model_name, todo, partial,
-                                args.max_tokens, args.concurrency, sampling, settings.engine))
+                                args.max_tokens, args.concurrency, sampling, settings.engine,
+                                stack.engine_headers() if stack is not None else None))
     finally:
         if stack is not None:
             stack.stop()

@@ -21,6 +21,12 @@ from shared.schemas import SamplingParams
 from shared.settings import LauncherSettings
 
 
+def engine_headers(api_key: str | None) -> dict[str, str]:
+    """What every call to an engine carries: its bearer key, when it has one (the launcher
+    generates one per start; the engine refuses any path but /health and /metrics without it)."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 class EngineError(RuntimeError):
     """The engine refused or broke a request, or did not come up."""
 
@@ -55,10 +61,13 @@ class ServerSpec:
     # as a GPU's does for a large model; None: the cache the engine sizes itself.
     num_gpu_blocks: int | None = None
     extra_args: tuple[str, ...] = ()
+    # The bearer key every call but /health and /metrics must carry; None: none (an engine
+    # only its own host's trusted processes reach).
+    api_key: str | None = None
 
     @classmethod
     def from_settings(cls, settings: LauncherSettings, gpu: int, work_dir: Path | None = None,
-                      host: str = "127.0.0.1") -> ServerSpec:
+                      host: str = "127.0.0.1", api_key: str | None = None) -> ServerSpec:
         """The server the launcher runs for `gpu`, on port `engine_base_port + gpu`."""
         return cls(model_dir=settings.model_dir, served_model_name=settings.served_model_name,
                    host=host, port=settings.engine_base_port + gpu,
@@ -66,7 +75,7 @@ class ServerSpec:
                    cpu_kvcache_gib=settings.cpu_kvcache_gib,
                    cpu_omp_threads_bind=settings.cpu_omp_threads_bind,
                    scheduling_policy=settings.engine_scheduling_policy,
-                   num_gpu_blocks=settings.engine_num_gpu_blocks)
+                   num_gpu_blocks=settings.engine_num_gpu_blocks, api_key=api_key)
 
 
 @dataclass(frozen=True)

@@ -144,10 +144,16 @@ class VllmEngine:
             cmd += ["--scheduling-policy", spec.scheduling_policy]
         if spec.num_gpu_blocks is not None:
             cmd += ["--num-gpu-blocks-override", str(spec.num_gpu_blocks)]
+        if spec.api_key is not None:
+            # The key itself goes in the environment (start_env): a command line is readable
+            # by every local user. vLLM's own check covers /v1 only; the guard every path.
+            cmd += ["--middleware", "services.engine.vllm_guard.RequireEngineKey"]
         return [*cmd, *spec.extra_args]
 
     def start_env(self, spec: ServerSpec) -> dict[str, str]:
         env = {"CUDA_VISIBLE_DEVICES": str(spec.gpu)}
+        if spec.api_key is not None:
+            env["VLLM_API_KEY"] = spec.api_key
         if spec.work_dir is not None:
             # vLLM leaves sockets in TMPDIR and caches under VLLM_CACHE_ROOT: keep both there.
             env["TMPDIR"] = str(spec.work_dir / "tmp")

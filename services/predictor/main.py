@@ -395,7 +395,7 @@ def main() -> int:
     stop = start_service()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = PredictorSettings()
-    metrics.serve(settings.metrics_port)
+    metrics.serve(settings.metrics_port, settings.metrics_host)
     r = connect(settings.redis_url, settings.redis_connect_timeout_s)
     PredictorService(r, settings, consumer=f"predictor-{os.getpid()}").run(stop)
     return 0

@@ -582,7 +582,7 @@ class Scheduler:
 def main() -> int:
     stop = start_service()
     settings = SchedulerSettings()
-    metrics.serve(settings.metrics_port)
+    metrics.serve(settings.metrics_port, settings.metrics_host)
     r = connect(settings.redis_url, settings.redis_connect_timeout_s)
     Scheduler(r, make_celery(settings.redis_url, settings.broker_visibility_timeout_s), settings,
               instance_id=instance_id_for(os.getpid())).run(stop)

@@ -76,7 +76,7 @@ def test_a_taken_metrics_port_is_logged_not_fatal() -> None:
     from shared import metrics
 
     with socket.socket() as taken:
-        taken.bind(("0.0.0.0", 0))
+        taken.bind(("127.0.0.1", 0))
         taken.listen()
         assert metrics.serve(taken.getsockname()[1]) is False
     assert metrics.serve(None) is False
