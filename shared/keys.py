@@ -26,6 +26,10 @@ SCHEDULER_WAITING = f"{PREFIX}:scheduler:waiting"
 # renewed, so a dead leader is replaced.
 SCHEDULER_LEADER = f"{PREFIX}:scheduler:leader"
 METRICS = f"{PREFIX}:metrics"
+# Fields of the METRICS hash that ingress counts (GET /v1/metrics reports every field).
+METRIC_REQUESTS_ACCEPTED = "requests_accepted"
+METRIC_REQUESTS_ACCEPTED_UNREPLICATED = "requests_accepted_unreplicated"
+METRIC_REQUESTS_CANCELLED = "requests_cancelled"
 # The process id of a predictor that has loaded its model and reads the incoming stream, renewed
 # while it runs; it expires (HEARTBEAT_TTL_S) when no predictor does.
 PREDICTOR_HEARTBEAT = f"{PREFIX}:predictor:heartbeat"
@@ -43,6 +47,10 @@ def tenant_open(tenant: str) -> str:
 def tenant_tokens(tenant: str, minute: int) -> str:
     """Prompt + max tokens a tenant had accepted in one minute (unix time // 60)."""
     return f"{PREFIX}:tenant-tokens:{tenant}:{minute}"
+
+
+# A minute's token counter is read only during that minute: it expires soon after.
+TENANT_TOKENS_TTL_S = 120
 
 
 # Observed batch records, the serving-time estimator's memory across scheduler restarts.

@@ -321,7 +321,11 @@ class PredictBody(BaseModel):
     instruction: str = Field(default="", max_length=8_000, description="app-level instruction")
     input: str = Field(min_length=1, description="the user's input")
     user_id: str = Field(default="anonymous", pattern=_ID_PATTERN)
-    max_tokens: int = Field(default=256, ge=1)
+    # None: the room the prompt leaves in the model context, at most the deployment's
+    # max_tokens_limit (resolved by ingress, which counts the prompt; vLLM's default).
+    max_tokens: int | None = Field(default=None, ge=1, description="tokens to generate at "
+                                   "most; default: what the context leaves after the prompt, "
+                                   "at most the deployment's limit")
 
     @field_validator("input")
     @classmethod

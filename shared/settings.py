@@ -65,8 +65,12 @@ class MagnusSettings(BaseSettings):
     # an hour.
     broker_visibility_timeout_s: float = Field(default=60.0, gt=0)
     # Where this process serves its Prometheus metrics (shared/metrics.py); None: it does not.
-    # Ingress serves them on its API port at /metrics instead.
+    # Ingress serves them on its API port at /metrics instead. Loopback by default: the
+    # exporters have no credential (their labels name tenants and apps), so only this host
+    # reads them; a Prometheus on another host or container needs 0.0.0.0 (compose and
+    # Kubernetes set it, their network being the operator's).
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
 
 
 class IngressSettings(MagnusSettings):
@@ -106,6 +110,26 @@ class IngressSettings(MagnusSettings):
     status_refresh_s: float = Field(default=2.0, gt=0)
     status_max_open: int = Field(default=20_000, ge=1)
     status_max_finished: int = Field(default=5_000, ge=1)
+    # A request body over this many bytes is refused with 413 before anything parses it
+    # (declared by Content-Length, or counted as a chunked body streams in:
+    # services/ingress/body_limit.py). At least what the longest input needs with every
+    # character JSON-escaped (checked below), so no input within max_input_chars is refused
+    # for its encoding.
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # On SIGTERM or SIGINT, open streams and waiting chats are told (shutdown error event, 503)
+    # and ingress exits within about this many seconds (uvicorn's timeout_graceful_shutdown):
+    # their requests go on and stay pollable by id.
+    graceful_shutdown_s: int = Field(default=5, ge=1)
+
+    @model_validator(mode="after")
+    def _body_holds_the_longest_input(self) -> IngressSettings:
+        # An astral character escaped in JSON is two \uXXXX escapes: 12 bytes.
+        needed = 12 * self.max_input_chars
+        if self.max_body_bytes < needed:
+            raise ValueError(f"max_body_bytes ({self.max_body_bytes}) must be at least "
+                             f"{needed}: 12 bytes (a JSON-escaped character) per "
+                             f"max_input_chars ({self.max_input_chars})")
+        return self
 
 
 class PredictorSettings(MagnusSettings):
@@ -198,6 +222,13 @@ class WorkerSettings(MagnusSettings):
     heartbeat_s: float = Field(default=2.0, gt=0)
     # Used only if the engine's metrics do not report its KV cache.
     kv_budget_tokens_override: int | None = Field(default=None, ge=1)
+    # Asked to stop (SIGTERM: the launcher's stop, a pod's termination) mid-batch, the worker
+    # lets the batch run this long, then aborts what is still generating and hands those
+    # requests back (requeued, run again after the next start; not counted as reruns), so no
+    # request is left `running`. Below the launcher's 15 s grace before SIGKILL.
+    shutdown_handback_s: float = Field(default=5.0, ge=0)
+    # The bearer key of this worker's engine (vLLM's VLLM_API_KEY); None: the engine has none.
+    engine_api_key: str | None = Field(default=None, min_length=16)
 
 
 class LauncherSettings(MagnusSettings):
@@ -215,6 +246,13 @@ class LauncherSettings(MagnusSettings):
     redis_bind: str = "127.0.0.1"
     # The embedded Redis's port (0: a free one, chosen at start).
     redis_port: int = Field(default=0, ge=0, le=65535)
+    # The embedded Redis's password (requirepass): None: one generated at its first start and
+    # kept in run_dir/redis/password (mode 0600), so it survives restarts and nodes that
+    # joined with it keep working. Every service gets it in its Redis URL (environment only).
+    redis_password: str | None = Field(default=None, min_length=16, pattern=r"^[A-Za-z0-9_-]+$")
+    # The engines' bearer key (vLLM's VLLM_API_KEY, held by their workers): None: a new one
+    # at each start. An engine refuses every path but /health and /metrics without it.
+    engine_api_key: str | None = Field(default=None, min_length=16)
     ingress_host: str = "127.0.0.1"
     ingress_port: int = Field(default=8000, ge=0, le=65535)
     engine_base_port: int = Field(default=8100, ge=1, le=65535)

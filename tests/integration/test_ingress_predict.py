@@ -19,6 +19,7 @@ from services.predictor.main import PredictorService
 from services.predictor.model import load_artifact
 from services.predictor.rows import PredictRow
 from shared import keys
+from shared.schemas import PredictQuery
 from shared.settings import IngressSettings, PredictorSettings
 
 pytestmark = pytest.mark.integration
@@ -30,8 +31,9 @@ SHORT = {"app_id": "grammar-jfleg", "user_id": "u1", "max_tokens": 512,
 
 
 def ingress_settings(redis_url: str, **extra: object) -> IngressSettings:
-    return IngressSettings(redis_url=redis_url, model_dir=SMOLLM2_DIR, max_model_len=2048,
-                           max_tokens_limit=512, **extra)  # type: ignore[arg-type]
+    fields: dict[str, object] = {"max_model_len": 2048, "max_tokens_limit": 512, **extra}
+    return IngressSettings(redis_url=redis_url, model_dir=SMOLLM2_DIR,
+                           **fields)  # type: ignore[arg-type]
 
 
 @pytest.fixture()
@@ -103,3 +105,19 @@ def test_bad_predict_input_names_the_field_and_reaches_no_predictor(
     assert resp.status_code == status, resp.text
     assert resp.json()["message"].startswith(field)
     assert redis_client.dbsize() == 0
+
+
+def test_predict_without_max_tokens_asks_with_the_room_the_prompt_leaves(
+        redis_url: str, redis_client: redis.Redis) -> None:
+    """As a submission without max_tokens would be queued: what the 600-token context leaves
+    after the prompt, at most max_tokens_limit (512)."""
+    settings = ingress_settings(redis_url, predict_timeout_s=0.3, max_model_len=600)
+    body = {k: v for k, v in SHORT.items() if k != "max_tokens"}
+    with TestClient(create_app(settings)) as client:
+        for words, room_left in ((3, False), (300, True)):
+            redis_client.delete(keys.PREDICT_QUERIES)
+            resp = client.post("/v1/predict", json={**body, "input": "word " * words})
+            assert resp.status_code == 503, resp.text  # no predictor: the query is kept
+            query = PredictQuery.parse(redis_client.lindex(keys.PREDICT_QUERIES, 0) or "")
+            assert query.max_tokens == (600 - query.input_tokens if room_left else 512)
+            assert (query.input_tokens > 600 - 512) == room_left

@@ -164,3 +164,26 @@ def test_the_status_page_is_open_but_its_data_needs_an_admin_key(client: TestCli
     refused = client.get("/status/data", headers=auth("acme"))
     assert refused.status_code == 403 and "admin" in refused.json()["message"]
     assert client.get("/status/data", headers=auth("root")).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/v1/metrics"])
+def test_the_metrics_need_an_admin_key_when_keys_are_configured(
+        client: TestClient, path: str) -> None:
+    # They name every tenant and app (request counters carry both labels).
+    client.post("/v1/requests", json=BODY, headers=auth("acme"))
+    missing = client.get(path)
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert "acme" not in missing.text
+    refused = client.get(path, headers=auth("acme"))
+    assert refused.status_code == 403 and "admin" in refused.json()["message"]
+    assert "acme" not in refused.text
+    served = client.get(path, headers=auth("root"))
+    assert served.status_code == 200, served.text
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/v1/metrics"])
+def test_without_a_tenants_file_the_metrics_stay_open(
+        redis_url: str, redis_client: redis.Redis, path: str) -> None:
+    settings = IngressSettings(redis_url=redis_url, model_dir=SMOLLM2_DIR, max_model_len=256)
+    with TestClient(create_app(settings)) as client:
+        assert client.get(path).status_code == 200

@@ -3,15 +3,21 @@ Redis."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import socket
+import time
+from collections.abc import Callable, Iterator
+from unittest.mock import ANY
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from offline.launcher import free_port
 from offline.model import SMOLLM2_DIR
 from services.ingress.app import create_app
-from shared import keys, state
+from services.ingress.openai_api import OPENAI_PATHS
+from shared import keys, state, streams
 from shared.settings import IngressSettings
 
 pytestmark = pytest.mark.integration
@@ -200,3 +206,141 @@ def test_redis_down_is_503_with_retry_after_and_no_address(redis_url: str) -> No
     assert health.status_code == 503
     for text in (resp.text, health.text):
         assert "127.0.0.1" not in text and dead.rsplit(":", 1)[1] not in text
+
+
+@pytest.mark.parametrize(("words", "expected"), [
+    # A prompt that leaves less than max_tokens_limit (128) in the 256-token context gets the
+    # room left (a fixed default of 256 refused it); a short one gets the limit.
+    (200, lambda input_tokens: 256 - input_tokens),
+    (3, lambda input_tokens: 128),
+])
+def test_max_tokens_left_out_is_the_room_the_prompt_leaves_in_the_context(
+        client: TestClient, redis_client: redis.Redis, words: int,
+        expected: Callable[[int], int]) -> None:
+    body = {key: value for key, value in GOOD.items() if key != "max_tokens"}
+    resp = client.post("/v1/requests", json={**body, "input": "word " * words})
+    assert resp.status_code == 202, resp.text
+    view = client.get(f"/v1/requests/{resp.json()['request_id']}").json()
+    assert view["max_tokens"] == expected(view["input_tokens"])
+    assert view["input_tokens"] + view["max_tokens"] <= 256
+    ((_, queued),) = streams.read_range(redis_client, streams.INCOMING)
+    assert queued.max_tokens == view["max_tokens"]
+    # Sent, it is still checked against the context.
+    resp = client.post("/v1/requests", json={**body, "input": "word " * words, "max_tokens": 128})
+    assert (resp.status_code == 422) == (words == 200), resp.text
+
+
+# --- body size: refused before parsing ----------------------------------------------------------
+BODY_LIMIT = 64 * 1024
+
+
+def body_limited_settings(redis_url: str) -> IngressSettings:
+    return IngressSettings(redis_url=redis_url, model_dir=SMOLLM2_DIR, max_model_len=256,
+                           max_input_chars=5000, max_body_bytes=BODY_LIMIT)
+
+
+@pytest.fixture()
+def live_url(redis_url: str, redis_client: redis.Redis) -> Iterator[tuple[str, int]]:
+    """Ingress under a real uvicorn on a free port (in a thread), so a body really streams in
+    over a socket."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(body_limited_settings(redis_url)),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield "127.0.0.1", port
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, object]]:
+    """Status and JSON body of one HTTP/1.1 response with a Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+    while len(body) < int(headers["content-length"]):
+        chunk = sock.recv(65536)
+        assert chunk
+        body += chunk
+    return int(lines[0].split()[1]), json.loads(body)
+
+
+@pytest.mark.parametrize("path", ["/v1/requests", "/v1/chat/completions"])
+def test_a_body_declared_over_the_limit_is_413_before_a_byte_is_read(
+        live_url: tuple[str, int], redis_client: redis.Redis, path: str) -> None:
+    with socket.create_connection(live_url, timeout=10) as sock:
+        # 50 MB announced, none sent: the answer cannot have waited for the body.
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {50 * 1024 * 1024}\r\n\r\n".encode())
+        status, body = read_response(sock)
+    assert status == 413
+    assert_names_the_body(path, body)
+    assert redis_client.dbsize() == 0
+
+
+@pytest.mark.parametrize("path", ["/v1/requests", "/v1/completions"])
+def test_a_chunked_body_is_cut_off_with_a_413_once_past_the_limit(
+        live_url: tuple[str, int], redis_client: redis.Redis, path: str) -> None:
+    import select
+
+    piece = b"x" * 16 * 1024
+    sent = 0
+    with socket.create_connection(live_url, timeout=10) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     "Transfer-Encoding: chunked\r\n\r\n".encode())
+        # Never the last chunk: an answer can only come from counting the pieces.
+        deadline = time.monotonic() + 30
+        while not select.select([sock], [], [], 0.05)[0]:
+            assert time.monotonic() < deadline, f"{sent} bytes sent and no answer"
+            try:
+                sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(piece)
+        status, body = read_response(sock)
+    assert status == 413 and sent > BODY_LIMIT
+    assert_names_the_body(path, body)
+    assert redis_client.dbsize() == 0
+
+
+def assert_names_the_body(path: str, body: dict[str, object]) -> None:
+    """FastAPI's shape on Magnus's routes, OpenAI's on OpenAI's; both name `body`."""
+    if path not in OPENAI_PATHS:
+        assert str(body["message"]).startswith("body:"), body
+        assert body["detail"] == [{"loc": ["body"], "msg": ANY, "type": "value_error"}]
+    else:
+        assert body["error"] == {"message": ANY, "type": "invalid_request_error",
+                                 "param": "body", "code": None}, body
+
+
+@pytest.mark.parametrize("path", ["/v1/requests", "/v1/predict", "/v1/chat/completions"])
+def test_a_body_over_the_limit_is_413_naming_the_body_and_one_at_it_is_read(
+        redis_url: str, redis_client: redis.Redis, path: str) -> None:
+    with TestClient(create_app(body_limited_settings(redis_url))) as client:
+        # Not JSON: parsed, it would be a 422; over the limit, it is never parsed.
+        resp = client.post(path, content=b"{" * (BODY_LIMIT + 1),
+                           headers={"content-type": "application/json"})
+        assert resp.status_code == 413, resp.text
+        assert_names_the_body(path, resp.json())
+        resp = client.post(path, content=b"{" * BODY_LIMIT,
+                           headers={"content-type": "application/json"})
+        assert resp.status_code == 422, resp.text
+    assert redis_client.dbsize() == 0
+
+
+def test_a_body_limit_below_what_the_longest_input_needs_is_refused_at_start() -> None:
+    with pytest.raises(ValueError, match="max_body_bytes"):
+        IngressSettings(max_input_chars=100_000, max_body_bytes=1024 * 1024)

@@ -52,7 +52,7 @@ WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
 PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
 # Secrets the operator creates by hand (docs/deploy.md): never in the manifests, on purpose.
-EXTERNAL_SECRETS = {"magnus-tenants"}
+EXTERNAL_SECRETS = {"magnus-tenants", "magnus-metrics-key"}
 
 # The module a container runs -> the settings class that process reads.
 SERVICE_SETTINGS: dict[str, type[MagnusSettings]] = {
@@ -283,7 +283,10 @@ DURATION = re.compile(r"^(\d+(ms|s|m|h))+$")
 SERVICE_MONITOR_SPEC = {"selector", "endpoints", "namespaceSelector", "jobLabel",
                         "targetLabels", "podTargetLabels", "sampleLimit"}
 SERVICE_MONITOR_ENDPOINT = {"port", "targetPort", "path", "scheme", "interval", "scrapeTimeout",
-                            "honorLabels", "relabelings", "metricRelabelings", "params"}
+                            "honorLabels", "relabelings", "metricRelabelings", "params",
+                            "authorization"}
+# The operator's SafeAuthorization: a type and a key of a Secret in the monitor's namespace.
+SERVICE_MONITOR_AUTHORIZATION = {"type", "credentials"}
 SCALED_OBJECT_SPEC = {"scaleTargetRef", "pollingInterval", "cooldownPeriod", "idleReplicaCount",
                       "minReplicaCount", "maxReplicaCount", "advanced", "fallback", "triggers",
                       "initialCooldownPeriod"}
@@ -308,6 +311,12 @@ def test_service_monitors_are_well_formed(objs: tuple[Obj, ...]) -> None:
             # targetPort, and silently scrape the wrong thing after a port change).
             assert isinstance(ep["port"], str), (name, ep)
             assert ep.get("path", "/metrics").startswith("/"), (name, ep)
+            if "authorization" in ep:
+                auth = ep["authorization"]
+                assert set(auth) <= SERVICE_MONITOR_AUTHORIZATION, (name, auth)
+                assert auth.get("type", "Bearer") == "Bearer", (name, auth)
+                assert set(auth["credentials"]) == {"name", "key"}, (name, auth)
+                assert auth["credentials"]["name"] in EXTERNAL_SECRETS, (name, auth)
             assert DURATION.match(ep.get("interval", "30s")), (name, ep)
 
 
@@ -518,6 +527,14 @@ def test_service_monitors_scrape_existing_service_ports(objs: tuple[Obj, ...]) -
                 if p["name"] == "metrics"}
     expected |= {("magnus-ingress", "http"), ("magnus-gpu", "engine")}
     assert expected <= scraped
+
+
+def test_ingress_metrics_are_scraped_with_an_admin_key(objs: tuple[Obj, ...]) -> None:
+    """Ingress has API keys in a pod, and its /metrics needs an admin tenant's: the monitor
+    sends one from a Secret, as infra/prometheus/prometheus.yml does from a file."""
+    monitor = named(objs, "ServiceMonitor", "magnus-ingress")
+    (endpoint,) = [ep for ep in monitor["spec"]["endpoints"] if ep["port"] == "http"]
+    assert endpoint["authorization"]["credentials"]["name"] == "magnus-metrics-key"
 
 
 # --- autoscaling -------------------------------------------------------------------------------

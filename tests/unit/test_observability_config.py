@@ -85,3 +85,15 @@ def test_prometheus_scrapes_every_magnus_process_and_engine_in_compose() -> None
             assert targets.get(name) == "8000", f"{name} is not scraped"
     assert set(targets) <= set(services), "a target names no compose service"
     assert {"prometheus", "grafana"} <= set(services)
+
+
+def test_prometheus_sends_an_admin_key_to_ingress_from_a_mounted_file() -> None:
+    """With API keys (compose's ingress has a tenants file) ingress's /metrics needs an admin
+    tenant's key: the ingress job sends one as a bearer token from a file mounted into the
+    Prometheus container."""
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "magnus-ingress"]
+    auth = job["authorization"]
+    assert auth.get("type", "Bearer") == "Bearer" and "credentials" not in auth
+    mounts = [str(v).split(":")[1] for v in compose_services()["prometheus"]["volumes"]]
+    assert auth["credentials_file"] in mounts
