@@ -274,6 +274,11 @@ def test_prometheus_metrics_count_the_requests_served(stack: Stack) -> None:
     from shared.metrics import VLLM_METRICS_READ
 
     ports = stack.metrics_ports
+    refused_before = scrape(f"{stack.ingress_url}/metrics").get(
+        'magnus_requests_refused_total{status_code=422}', 0.0)
+    bad = httpx.post(f"{stack.ingress_url}/v1/requests", json={"app_id": "qa", "input": ""},
+                     timeout=10)
+    assert bad.status_code == 422
     ingress = scrape(f"{stack.ingress_url}/metrics")
     worker = scrape(f"http://127.0.0.1:{ports['worker0']}/metrics")
     predictor = scrape(f"http://127.0.0.1:{ports['predictor']}/metrics")
@@ -281,7 +286,7 @@ def test_prometheus_metrics_count_the_requests_served(stack: Stack) -> None:
                   for name in ("scheduler0", "scheduler1")]
     accepted = total(ingress, "magnus_requests_accepted_total")
     assert accepted >= 20
-    assert total(ingress, "magnus_requests_refused_total") >= 0
+    assert ingress['magnus_requests_refused_total{status_code=422}'] == refused_before + 1
     finished = total(worker, "magnus_requests_finished_total")
     assert 20 <= finished <= accepted
     for hist in ("magnus_request_latency_seconds", "magnus_time_to_first_token_seconds",
