@@ -20,6 +20,8 @@
     python -m bench fairness [ARGS] two tenants at 10:1 load, fair sharing on and off, against
                                     the light one alone (bench/fairness.py; about 15 min)
     python -m bench vllm-serve ARGS vLLM's own `vllm bench serve` (bench/vllm_serve.py)
+    python -m bench targets [ARGS]  where Magnus wins: repeated, interleaved runs on the
+                                    isolated engine (bench/targets.py; hours: run in parts)
     python -m bench crosscheck      the harness against `vllm bench serve` at the sweep's highest
                                     load, on plain vLLM and on Magnus (bench/crosscheck.py)
     python -m bench profile-engine  measure the engine's step times for the cost model
@@ -72,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         return soak.main(rest)
     if cmd == "fairness":
         return fairness.main(rest)
+    if cmd == "targets":
+        from bench import targets
+
+        return targets.main(rest)
     if cmd == "crosscheck":
         return crosscheck.main(rest)
     if cmd == "vllm-serve":

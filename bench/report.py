@@ -224,6 +224,135 @@ def load_block(load: dict[str, Any] | None) -> str:
     return head + table([Point(**r) for r in load["rows"]])
 
 
+# --- where Magnus wins (bench/targets.py's repeated, interleaved runs) ----------------------
+# (name, numerator policy, denominator, metric, bound, at least?, points it applies to):
+# "plain" is plain vLLM in its better configuration at that point (the lower median mean).
+WinTarget = tuple[str, str, str, str, float, bool, Callable[[str], bool]]
+
+
+def _burst(n: int) -> Callable[[str], bool]:
+    return lambda point: point == f"burst{n}"
+
+
+def _online(point: str) -> bool:
+    kind, _, load = point.partition("-")
+    return kind in ("poisson", "gamma") and load in ("1.0", "1.3")
+
+
+def _low(point: str) -> bool:
+    return point.endswith("-0.3")
+
+
+WIN_TARGETS: list[WinTarget] = [
+    ("mean completion vs plain vLLM", "magnus", "plain", "mean_e2e_s", 0.60, False, _burst(300)),
+    ("throughput vs plain vLLM", "magnus", "plain", "throughput_rps", 1.00, True, _burst(300)),
+    ("worst slowdown vs plain vLLM", "magnus", "plain", "max_slowdown", 0.10, False,
+     _burst(300)),
+    ("mean completion vs plain vLLM", "magnus", "plain", "mean_e2e_s", 0.55, False,
+     _burst(1000)),
+    ("throughput vs plain vLLM", "magnus", "plain", "throughput_rps", 1.00, True, _burst(1000)),
+    ("mean e2e vs plain vLLM", "magnus", "plain", "mean_e2e_s", 0.80, False, _online),
+    ("p99 e2e vs plain vLLM", "magnus", "plain", "p99_e2e_s", 1.20, False, _online),
+    ("throughput vs plain vLLM", "magnus", "plain", "throughput_rps", 0.97, True, _online),
+    ("worst slowdown vs plain vLLM", "magnus", "plain", "max_slowdown", 1.00, False, _online),
+    ("mean vs its oracle", "magnus", "magnus-oracle", "mean_e2e_s", 1.10, False,
+     lambda point: True),
+    ("mean vs plain vLLM (control plane's cost)", "magnus", "plain", "mean_e2e_s", 1.05, False,
+     _low),
+]
+_PLAIN = "vllm"
+
+
+def _median_range(values: Sequence[float]) -> str:
+    import numpy as np
+
+    return (f"{float(np.median(values)):.2f} ({min(values):.2f}-{max(values):.2f})"
+            if len(values) > 1 else f"{values[0]:.2f} (one run)")
+
+
+def _by_run(rows: Rows) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
+    """point -> "policy@engine config" -> repeat -> row."""
+    out: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+    for r in rows:
+        name = f"{r['policy']}@{r['config']['engine']}"
+        out.setdefault(r["point"], {}).setdefault(name, {})[int(r["repeat"])] = r
+    return out
+
+
+def _plain_config(runs: dict[str, dict[int, dict[str, Any]]]) -> str | None:
+    """The plain-vLLM configuration with the lower median mean latency at this point."""
+    import numpy as np
+
+    plain = {name: [float(r["mean_e2e_s"]) for r in by_repeat.values() if r.get("mean_e2e_s")]
+             for name, by_repeat in runs.items() if name.startswith(f"{_PLAIN}@")}
+    plain = {name: v for name, v in plain.items() if v}
+    return min(plain, key=lambda n: float(np.median(plain[n]))) if plain else None
+
+
+def _policy_run(runs: dict[str, dict[int, dict[str, Any]]], policy: str, plain: str | None
+                ) -> dict[int, dict[str, Any]]:
+    if policy == "plain":
+        return runs.get(plain or "", {})
+    return next((by_repeat for name, by_repeat in runs.items()
+                 if name.split("@")[0] == policy), {})
+
+
+def wins_block(load: dict[str, Any] | None) -> str:
+    rows = (load or {}).get("targets")
+    if not rows:
+        return ("(not run yet: `python -m bench targets` writes the rows to "
+                "results/load_sweep.json)\n")
+    meta = load.get("targets_meta", {}) if load else {}
+    by_point = _by_run(rows)
+    iso = meta.get("isolation")
+    head = (f"Isolated engine: compute on core(s) {iso['engine_cpus']}, everything else on "
+            f"{iso['service_cpus']}; " if iso else "Shared cores (not isolated); ") + (
+        f"capacity {meta.get('capacity_rps', 0):.3f} req/s, knee {meta.get('knee')} at once "
+        f"(vLLM --max-num-seqs and Magnus's cap); ratios are per repeat (paired), median "
+        f"(min-max); \"plain\" is plain vLLM in its better configuration at each point.\n\n")
+    lines = ["| point | target | wanted | magnus / plain (or oracle): median (range) | repeats "
+             "| met |", "|---|---|---|---|---|---|"]
+    for point in sorted(by_point):
+        runs = by_point[point]
+        plain = _plain_config(runs)
+        for name, num, den, metric, bound, at_least, applies in WIN_TARGETS:
+            if not applies(point):
+                continue
+            a, b = _policy_run(runs, num, plain), _policy_run(runs, den, plain)
+            ratios = [float(a[k][metric]) / float(b[k][metric]) for k in sorted(set(a) & set(b))
+                      if a[k].get(metric) and b[k].get(metric)]
+            if not ratios:
+                continue
+            import numpy as np
+
+            median = float(np.median(ratios))
+            ok = median >= bound if at_least else median <= bound
+            against = plain if den == "plain" else den
+            lines.append(f"| {point} | {name} ({against}) | {'>=' if at_least else '<='} "
+                         f"{bound:.2f} | {_median_range(ratios)} | {len(ratios)} | "
+                         f"{'met' if ok else 'NOT met'} |")
+    spread = ["", "Each policy's run-to-run spread (median (min-max) over repeats):", "",
+              "| point | policy@engine | runs | mean e2e s | p99 e2e s | req/s | worst slowdown |"
+              " isolation: compute on own core, foreign share |",
+              "|---|---|---|---|---|---|---|---|"]
+    for point in sorted(by_point):
+        for name, by_repeat in sorted(by_point[point].items()):
+            rs = list(by_repeat.values())
+
+            def col(metric: str, rows_: list[dict[str, Any]] = rs) -> str:
+                vals = [float(r[metric]) for r in rows_ if r.get(metric) is not None]
+                return _median_range(vals) if vals else "-"
+
+            isos = [r["isolation"] for r in rs if r.get("isolation")]
+            iso_text = (f"{min(i['compute_on_own_cores'] for i in isos):.1%} min, "
+                        f"{max(i['foreign_share_of_compute_cores'] for i in isos):.1%} max"
+                        if isos else "shared")
+            spread.append(f"| {point} | {name} | {len(rs)} | {col('mean_e2e_s')} | "
+                          f"{col('p99_e2e_s')} | {col('throughput_rps')} | "
+                          f"{col('max_slowdown')} | {iso_text} |")
+    return head + "\n".join(lines + spread) + "\n"
+
+
 def update(doc: Path, blocks: dict[str, str]) -> None:
     """Replace each `<!-- bench:NAME -->` ... `<!-- /bench:NAME -->` block's body."""
     text = doc.read_text()
@@ -255,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         "sweep": lambda: sweep_block(sweep),
         "load": lambda: load_block(load),
         "load-targets": lambda: load_targets_block(load),
+        "wins": lambda: wins_block(load),
     }
     rendered = {name: make() for name, make in blocks.items()}
     print(rendered["real"] + "\n" + rendered["targets"])

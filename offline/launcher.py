@@ -40,7 +40,7 @@ from services.scheduler.main import pid_of_instance
 from services.scheduler.registry import get_policy
 from shared import keys, state
 from shared.redis_conn import connect
-from shared.settings import LauncherSettings, SchedulerSettings, child_environment
+from shared.settings import LauncherSettings, SchedulerSettings, child_environment, cpu_set
 
 log = logging.getLogger("magnus.launcher")
 
@@ -231,14 +231,33 @@ class Stack:
         log_path = self.log_dir / f"{name}.log"
         out = log_path.open("ab")
         self._logs.append(out)
+        register = self._ensure_reaper().registrar(name)
+        cores = self.affinity(name)
+
+        def preexec() -> None:  # in the child, before exec
+            register()
+            if cores is not None:
+                os.sched_setaffinity(0, cores)
+
         proc = subprocess.Popen(cmd, env=child_environment(env), stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True,
-                                preexec_fn=self._ensure_reaper().registrar(name), cwd=cwd)
+                                start_new_session=True, preexec_fn=preexec, cwd=cwd)
         child = Child(name, proc, log_path, cmd, env, cwd)
         self.children.append(child)
         log.info("started %s (pid %d), log %s", name, proc.pid, log_path)
         return child
+
+    def affinity(self, name: str) -> frozenset[int] | None:
+        """The cores child `name` may run on (settings.service_cpus; None: no pinning): an
+        engine gets the service cores and its OpenMP bind cores, so its Worker can bind there;
+        every other process the service cores only."""
+        s = self.settings
+        if s.service_cpus is None:
+            return None
+        service = cpu_set(s.service_cpus)
+        if service_kind(name) == "engine":
+            return service | cpu_set(s.cpu_omp_threads_bind)
+        return service
 
     def _ensure_reaper(self) -> Reaper:
         """The reaper of this stack's groups, started with the first child (and again, told

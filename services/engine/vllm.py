@@ -144,6 +144,8 @@ class VllmEngine:
             cmd += ["--scheduling-policy", spec.scheduling_policy]
         if spec.num_gpu_blocks is not None:
             cmd += ["--num-gpu-blocks-override", str(spec.num_gpu_blocks)]
+        if spec.max_num_seqs is not None:
+            cmd += ["--max-num-seqs", str(spec.max_num_seqs)]
         if spec.api_key is not None:
             # The key itself goes in the environment (start_env): a command line is readable
             # by every local user. vLLM's own check covers /v1 only; the guard every path.
