@@ -157,6 +157,9 @@ class _OpenAIRequest(BaseModel):
     # vLLM's extension (what `vllm bench serve --ignore-eos` sends): generate exactly the token
     # budget. Benchmark-only, so an admin key's (403 otherwise), as on /v1/requests.
     ignore_eos: bool = False
+    # Magnus's benchmark extension, as on /v1/requests: the answer's true length, which the
+    # oracle policy (magnus-oracle) plans with. An admin key's only (403 otherwise).
+    true_output_tokens: int | None = Field(default=None, ge=0)
 
     @field_validator("stop")
     @classmethod
@@ -303,7 +306,7 @@ def _submit_body(body: _OpenAIRequest, instruction: str, user_input: str, input_
             instruction=instruction, input=user_input,
             user_id=body.user if body.user and valid_id(body.user) else "anonymous",
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-            ignore_eos=body.ignore_eos,
+            ignore_eos=body.ignore_eos, true_output_tokens=body.true_output_tokens,
         )
     except ValidationError as exc:  # e.g. a system prompt over the instruction limit
         first = exc.errors()[0]
@@ -383,8 +386,12 @@ async def _serve(ingress: IngressState, request: Request, body: _OpenAIRequest,
 async def _wait_final(ingress: IngressState, request: Request, req: QueuedRequest
                       ) -> state.RequestView | JSONResponse:
     deadline = time.monotonic() + ingress.settings.chat_timeout_s
+    text_key, last_id = keys.request_text(req.request_id), "0-0"
     while True:
-        view = await _view(ingress, req.request_id)
+        # The status alone; the whole view (input and text) once final.
+        status = await ingress.aredis.hget(keys.request(req.request_id), "status")
+        view = (await _view(ingress, req.request_id)
+                if status is not None and RequestStatus(status).is_final else None)
         if view is not None and view.is_final:
             return view
         if await request.is_disconnected():
@@ -402,7 +409,14 @@ async def _wait_final(ingress: IngressState, request: Request, req: QueuedReques
                 504, f"no answer within {ingress.settings.chat_timeout_s:g} s; request "
                 f"{req.request_id} continues: GET /v1/requests/{req.request_id}",
                 code="timeout")
-        await asyncio.sleep(0.05)
+        # Woken by the worker's end piece, written with every final result, rather than
+        # polling: a batch job's few hundred waiting clients polling every 50 ms took the
+        # control plane's core. A request made final elsewhere (cancelled, failed) is seen at
+        # the next turn.
+        entries = await ingress.aredis.xread({text_key: last_id}, count=64,
+                                             block=_WAIT_BLOCK_MS)
+        for _, items in entries or []:
+            last_id = items[-1][0]
 
 
 def shutdown_message(request_id: str) -> str:
@@ -469,6 +483,8 @@ def _sse_error(message: str, code: str) -> str:
 
 # How long one read of the text stream blocks before the route checks the request's status.
 _STREAM_BLOCK_MS = 100
+# The same for a client waiting for the whole answer (it also notices a hang-up this often).
+_WAIT_BLOCK_MS = 250
 # A stream whose text keeps flowing still checks its request's status this often.
 _STATUS_EVERY_S = 1.0
 

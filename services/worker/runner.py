@@ -137,12 +137,12 @@ def _already_final(r: redis.Redis, request_id: str) -> bool:
 
 def post_event(r: redis.Redis, event: CompletedEvent,
                continuation: QueuedRequest | None = None,
-               streaming: QueuedRequest | None = None) -> bool:
+               request: QueuedRequest | None = None) -> bool:
     """Write a result's state change and its completed-stream entry in one transaction; a
     continuation goes back on the incoming stream in the same transaction, so it cannot be lost.
-    A streaming request's final result (`streaming`: the request) also ends its text stream
-    with an empty piece, which tells the ingress answering it to read the result now. False
-    when the request was already final (the result is dropped)."""
+    A request's final result (`request`: the request) also ends its text stream with an empty
+    piece, which tells the ingress answering it (streaming, or waiting for the whole answer) to
+    read the result now. False when the request was already final (the result is dropped)."""
     if event.result is not None and _already_final(r, event.result.request_id):
         return False
 
@@ -153,10 +153,10 @@ def post_event(r: redis.Redis, event: CompletedEvent,
             pipe.hincrby(keys.METRICS, "continuations", 1)
         elif event.result is not None:
             state.record_result(pipe, event.result)
-            if streaming is not None:
+            if request is not None:
                 res = event.result
                 streams.append_text(pipe, res.request_id, [TextDelta(
-                    run=streaming.reruns, offset=len(res.text), text="", at=res.finished_at)])
+                    run=request.reruns, offset=len(res.text), text="", at=res.finished_at)])
         streams.publish(pipe, streams.COMPLETED, event)
 
     execute_retrying(r, build)
@@ -356,8 +356,7 @@ async def run_batch(
             # Redis calls are quick; run them in a thread so other streams keep flowing.
             posted = await asyncio.to_thread(post_event, r, CompletedEvent(kind=kind,
                                                                            result=result),
-                                             continuation,
-                                             item.request if item.request.stream else None)
+                                             continuation, item.request)
             if posted and continuation is None:
                 observe_final(item, result)
             return result

@@ -210,9 +210,10 @@ def test_the_worker_posts_results_continuations_and_the_batch_record(
 
 def test_the_worker_streams_the_text_of_a_streaming_request_before_its_result(
         redis_client: redis.Redis) -> None:
-    """Only a request whose client streams gets a text stream; its pieces carry their offsets in
-    the whole answer (after a continuation's earlier text) and are written before the result,
-    which ends the stream with an empty piece."""
+    """Only a request whose client streams gets its text streamed; its pieces carry their
+    offsets in the whole answer (after a continuation's earlier text) and are written before
+    the result, which ends the stream with an empty piece. A request whose client waits for the
+    whole answer gets the end piece alone (it wakes that client)."""
     def answer(req: ChatRequest) -> ChatOutcome:
         now = time.time()
         return ChatOutcome(text="abcdef", prompt_tokens=10, completion_tokens=6,
@@ -234,7 +235,8 @@ def test_the_worker_streams_the_text_of_a_streaming_request_before_its_result(
     # The pieces, then the empty end piece written with the result (ingress reads it now).
     assert [(d.offset, d.text) for d in deltas] == [(2, "abc"), (5, "def"), (8, "")]
     assert redis_client.ttl(keys.request_text("streamed")) > 0
-    assert not redis_client.exists(keys.request_text("polled"))
+    polled = [streams.decode_text(f) for _, f in redis_client.xrange(keys.request_text("polled"))]
+    assert [(d.offset, d.text) for d in polled] == [(6, "")]
     assert status_of(redis_client, "streamed").text == "xyabcdef"
 
 
