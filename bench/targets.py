@@ -63,6 +63,7 @@ from bench.load_sweep import (
 from bench.real_stack import machine
 from offline.launcher import Stack, free_port
 from offline.workload.arrivals import azure_trace_arrivals, gamma_arrivals, poisson_arrivals
+from shared.schemas import SamplingParams
 from shared.settings import REPO_ROOT, LauncherSettings
 
 RESULTS = REPO_ROOT / "results"
@@ -75,6 +76,7 @@ KNEE, DEFAULT = "knee", "default"  # the engine's max_num_seqs: at the knee, or 
 POLICIES: dict[str, tuple[str, ...]] = {KNEE: (VLLM, "magnus", "magnus-oracle"),
                                         DEFAULT: (VLLM,)}
 GAMMA_CV = 3.0
+SAMPLING = SamplingParams()
 
 
 @dataclass(frozen=True)
@@ -118,12 +120,19 @@ async def drive_openai_batch(base_url: str, reqs: Sequence[Req], model: str | No
             body = req.payload
             messages = ([{"role": "system", "content": body["instruction"]}]
                         if body["instruction"] else [])
+            # The same sampling on both servers (Magnus's defaults, SmolLM2's generation
+            # config): on this CPU top-p and the repetition penalty cost about as much as the
+            # forward pass, so a client leaving vLLM at its own defaults would give it less work
+            # (a trial run did: 19% less engine CPU for the same tokens).
             chat: dict[str, Any] = {
                 "model": model or body["app_id"], "user": body["user_id"],
                 "messages": [*messages, {"role": "user", "content": body["input"]}],
-                "max_tokens": body["max_tokens"], "ignore_eos": True, "stream": False}
+                "max_tokens": body["max_tokens"], "ignore_eos": True, "stream": False,
+                "temperature": SAMPLING.temperature, "top_p": SAMPLING.top_p}
             if magnus:
                 chat["true_output_tokens"] = req.true_tokens  # what the oracle plans with
+            else:  # vLLM's extension; Magnus applies its own, the same value
+                chat["repetition_penalty"] = SAMPLING.repetition_penalty
             out = Outcome(sent_at=time.time(), true_tokens=req.true_tokens)
             try:
                 resp = await http.post("/v1/chat/completions", json=chat)
@@ -278,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--report", action="store_true", help="only rewrite the docs' table")
+    parser.add_argument("--out", type=Path, default=OUT,
+                        help="the results file (another one for a trial run: no report then)")
     args = parser.parse_args(argv)
     from bench import report
 
@@ -314,11 +325,11 @@ def main(argv: list[str] | None = None) -> int:
                     rows = [runner.run(stack, point, policy, config, repeat)
                             for policy in POLICIES[config]]
                     save_rows(rows, {**meta, "updated_at": time.strftime(
-                        "%Y-%m-%d %H:%M UTC", time.gmtime())})
+                        "%Y-%m-%d %H:%M UTC", time.gmtime())}, args.out)
             finally:
                 stack.stop()
         print(f"repeat {repeat} done at {(time.time() - started) / 60:.1f} min", flush=True)
-    return report.main([])
+    return report.main([]) if args.out == OUT else 0
 
 
 if __name__ == "__main__":
